@@ -1,0 +1,3 @@
+"""FramePack engine: loading, conditioning, sampling, caches, decoding and video output."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,92 @@
+"""Turn a prompt and an image into the tensors the FramePack transformer is conditioned on.
+
+Exactly the original's recipe (REFERENCE.md "Prompt encoding", "Image input"): templated Llama prompt,
+hidden_states[-3] cropped to the prompt tokens and padded to 512 with a mask; CLIP-L pooler; the image
+fitted to a bucket, VAE-encoded as one frame and embedded by SigLIP.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .model_specs import PROMPT_TEMPLATE
+
+LLAMA_MAX_TOKENS = 256
+LLAMA_PAD_TO = 512
+CLIP_TOKENS = 77
+
+
+@dataclass
+class PromptEmbeds:
+    llama: torch.Tensor  # (1, 512, D) zero-padded
+    llama_mask: torch.Tensor  # (1, 512) bool
+    pooled: torch.Tensor  # (1, D2)
+
+    def zeros_like(self) -> "PromptEmbeds":
+        """All-zero negative of the same shapes: what the original uses when real CFG is 1."""
+        return PromptEmbeds(torch.zeros_like(self.llama), self.llama_mask.clone(), torch.zeros_like(self.pooled))
+
+
+@dataclass
+class ImageConditioning:
+    image: np.ndarray  # uint8 HxWx3 after bucket resize/crop
+    start_latent: torch.Tensor  # (1, 16, 1, H/8, W/8) float32, scaled
+    image_embeds: torch.Tensor  # SigLIP last_hidden_state
+
+
+def crop_or_pad_with_mask(x: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    b, n, d = x.shape
+    if n >= length:
+        return x[:, :length], torch.ones((b, length), dtype=torch.bool, device=x.device)
+    padded = torch.cat([x, x.new_zeros((b, length - n, d))], dim=1)
+    mask = torch.zeros((b, length), dtype=torch.bool, device=x.device)
+    mask[:, :n] = True
+    return padded, mask
+
+
+def template_crop_start(tokenizer) -> int:
+    """Tokens before the user prompt in the template; the real Llama-3 value is fixed in model_specs."""
+    ids = tokenizer(PROMPT_TEMPLATE, return_attention_mask=False)["input_ids"]
+    return len(ids) - 2  # drop the "{}" placeholder and the closing <|eot_id|>
+
+
+def encode_prompt(prompt: str, text_encoder, text_encoder_2, tokenizer, tokenizer_2,
+                  crop_start: int | None) -> PromptEmbeds:
+    if crop_start is None:
+        crop_start = template_crop_start(tokenizer)
+    # Right padding: the crop below assumes the prompt tokens come first.
+    llama_in = tokenizer([PROMPT_TEMPLATE.format(prompt)], padding="max_length",
+                         max_length=LLAMA_MAX_TOKENS + crop_start, truncation=True, return_tensors="pt",
+                         return_attention_mask=True, padding_side="right")
+    ids = llama_in["input_ids"].to(text_encoder.device)
+    mask = llama_in["attention_mask"].to(text_encoder.device)
+    length = int(mask.sum())
+    hidden = text_encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-3]
+    llama = hidden[:, crop_start:length]
+
+    clip_ids = tokenizer_2([prompt], padding="max_length", max_length=CLIP_TOKENS, truncation=True,
+                           return_tensors="pt")["input_ids"]
+    pooled = text_encoder_2(clip_ids.to(text_encoder_2.device), output_hidden_states=False).pooler_output
+
+    llama, llama_mask = crop_or_pad_with_mask(llama, LLAMA_PAD_TO)
+    return PromptEmbeds(llama, llama_mask, pooled)
+
+
+def image_to_tensor(image: np.ndarray) -> torch.Tensor:
+    """uint8 HxWx3 to (1, 3, 1, H, W) in [-1, 1]."""
+    return (torch.from_numpy(image).float() / 127.5 - 1).permute(2, 0, 1)[None, :, None]
+
+
+def vae_encode(pixels: torch.Tensor, vae) -> torch.Tensor:
+    """Encode with the posterior mean: deterministic, so one seed always gives one video."""
+    dist = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist
+    return dist.mode() * vae.config.scaling_factor
+
+
+def siglip_embed(image: np.ndarray, feature_extractor, image_encoder) -> torch.Tensor:
+    inputs = feature_extractor.preprocess(images=image, return_tensors="pt")
+    pixel_values = inputs["pixel_values"].to(device=image_encoder.device, dtype=image_encoder.dtype)
+    return image_encoder(pixel_values=pixel_values).last_hidden_state

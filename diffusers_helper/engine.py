@@ -1,0 +1,241 @@
+"""Runs one generation job: conditioning -> section loop -> decode -> MP4, reporting typed events.
+
+The engine owns loaded models and a placement policy; `generate` is callback-based so it can run on
+a worker thread, and `iter_events` turns it into an iterator for the CLI and the UI.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import queue
+import secrets
+import threading
+import time
+import traceback
+from datetime import datetime
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from . import __version__
+from .buckets import find_nearest_bucket, resize_and_center_crop
+from .conditioning import encode_prompt, image_to_tensor, siglip_embed, vae_encode
+from .decode import VideoAccumulator, vae_decode
+from .events import (TERMINAL, Cancelled, Event, Failed, Finished, SectionFinished, Stage,
+                     StepProgress)
+from .placement import Placement
+from .preview import latent_preview
+from .request import GenerationRequest, InputError
+from .sampling import CancelToken, Guidance, JobCancelled, StepInfo, draw_noise, sample_section
+from .sections import SectionSchedule, frame_count, section_count
+from .teacache import TeaCache
+from .video import write_json, write_mp4, write_png
+
+log = logging.getLogger("framepack.engine")
+
+Emit = Callable[[Event], None]
+
+
+def new_job_id() -> str:
+    return datetime.now().strftime("%Y%m%d_%H%M%S_") + secrets.token_hex(3)
+
+
+def versions() -> dict:
+    import diffusers
+    import transformers
+
+    return {"framepack_app": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version()}
+
+
+class _JobFiles:
+    """The files of one job; the video is replaced section by section, never half-written."""
+
+    def __init__(self, outputs: Path, job_id: str):
+        outputs.mkdir(parents=True, exist_ok=True)
+        self.outputs, self.job_id = outputs, job_id
+        self.image = outputs / f"{job_id}.png"
+        self.sidecar = outputs / f"{job_id}.json"
+        self.video: Path | None = None
+
+    def write_video(self, frames, crf: int) -> Path:
+        path = self.outputs / f"{self.job_id}_{frames.shape[0]}.mp4"
+        write_mp4(frames, path, crf=crf)
+        if self.video is not None and self.video != path:
+            self.video.unlink(missing_ok=True)  # the new file holds everything the old one did
+        self.video = path
+        return path
+
+
+class Engine:
+    def __init__(self, bundle, placement: Placement | None = None, outputs_dir: str | Path = "outputs"):
+        self.bundle = bundle
+        self.spec = bundle.spec
+        self.placement = placement or Placement.choose(torch.device("cpu"))
+        self.placement.prepare(bundle)
+        self.outputs_dir = Path(outputs_dir)
+        self.dtype = bundle.transformer.dtype
+        self._lock = threading.Lock()  # one job at a time per set of models
+
+    @property
+    def device(self) -> torch.device:
+        return self.placement.compute_device()
+
+    # -- stages ---------------------------------------------------------------------------------------
+
+    def _encode_prompts(self, request: GenerationRequest):
+        b = self.bundle
+        self.placement.use(b, "text_encoder", "text_encoder_2")
+        crop = self.spec.prompt_crop_start
+        pos = encode_prompt(request.prompt, b.text_encoder, b.text_encoder_2, b.tokenizer, b.tokenizer_2, crop)
+        if request.cfg == 1.0:
+            neg = pos.zeros_like()
+        else:
+            neg = encode_prompt(request.negative_prompt, b.text_encoder, b.text_encoder_2, b.tokenizer,
+                                b.tokenizer_2, crop)
+        return pos, neg
+
+    def _encode_image(self, request: GenerationRequest, files: _JobFiles):
+        b = self.bundle
+        resolution = request.resolution or self.spec.default_resolution
+        h, w = request.image.shape[:2]
+        height, width = find_nearest_bucket(h, w, resolution)
+        image = resize_and_center_crop(request.image, target_width=width, target_height=height)
+        write_png(image, files.image)
+        self.placement.use(b, "vae")
+        start_latent = vae_encode(image_to_tensor(image), b.vae).float().cpu()
+        self.placement.use(b, "image_encoder")
+        embeds = siglip_embed(image, b.feature_extractor, b.image_encoder)
+        return image, start_latent, embeds
+
+    # -- the job --------------------------------------------------------------------------------------
+
+    def generate(self, request: GenerationRequest, emit: Emit, cancel: CancelToken | None = None,
+                 job_id: str | None = None) -> Event:
+        """Run a job to the end, emitting events; returns the terminal event (also emitted)."""
+        cancel = cancel or CancelToken()
+        t0 = time.perf_counter()
+        files: _JobFiles | None = None
+        record: dict = {}
+
+        def finish(event: Event, status: str, error: str | None = None) -> Event:
+            if files is not None:
+                record.update(status=status, error=error, video=str(files.video) if files.video else None,
+                              elapsed_s=round(time.perf_counter() - t0, 3))
+                write_json(record, files.sidecar)
+            emit(event)
+            return event
+
+        with self._lock:
+            try:
+                request.validate()
+                files = _JobFiles(self.outputs_dir, job_id or new_job_id())
+                sections = section_count(request.seconds, request.latent_window_size)
+                record = {"job_id": files.job_id, "model": self.spec.name, "mode": self.spec.mode,
+                          "settings": request.to_record(), "sections": sections,
+                          "expected_frames": frame_count(sections, request.latent_window_size), "fps": 30,
+                          "input_image": str(files.image), "versions": versions(), "status": "running",
+                          "started": datetime.now().isoformat(timespec="seconds")}
+                write_json(record, files.sidecar)
+                with torch.inference_mode():
+                    video = self._run(request, files, sections, emit, cancel, t0, record)
+                return finish(Finished(video, files.sidecar, record["frames"], time.perf_counter() - t0),
+                              "finished")
+            except JobCancelled:
+                log.info("Job cancelled; kept %s", files.video if files else None)
+                return finish(Cancelled(files.video if files else None, files.sidecar if files else None),
+                              "cancelled")
+            except InputError as exc:
+                return finish(Failed(str(exc), None, files.sidecar if files else None), "failed", str(exc))
+            except torch.cuda.OutOfMemoryError:
+                log.error("CUDA out of memory:\n%s", traceback.format_exc())
+                msg = ("Out of GPU memory. Increase 'GPU memory preservation', shorten the video or close other "
+                       "GPU programs; the sections finished so far were kept.")
+                return finish(Failed(msg, files.video if files else None, files.sidecar if files else None),
+                              "failed", msg)
+            except Exception as exc:  # noqa: BLE001 - the user gets one line, the log gets the trace
+                log.error("Job failed:\n%s", traceback.format_exc())
+                msg = f"{exc.__class__.__name__}: {exc}".splitlines()[0]
+                return finish(Failed(msg, files.video if files else None, files.sidecar if files else None),
+                              "failed", msg)
+            finally:
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+
+    def _run(self, request, files, sections, emit, cancel, t0, record) -> Path:
+        b = self.bundle
+        emit(Stage("Encoding prompt"))
+        pos, neg = self._encode_prompts(request)
+        cancel.raise_if_cancelled()
+        emit(Stage("Encoding image"))
+        image, start_latent, image_embeds = self._encode_image(request, files)
+        cancel.raise_if_cancelled()
+        height, width = image.shape[:2]
+        record["bucket"] = [height, width]
+
+        device, dtype = self.device, self.dtype
+        shared = {"image_embeds": image_embeds.to(device=device, dtype=dtype)}
+        positive = {"encoder_hidden_states": pos.llama.to(device, dtype), "encoder_attention_mask":
+                    pos.llama_mask.to(device), "pooled_projections": pos.pooled.to(device, dtype), **shared}
+        negative = {"encoder_hidden_states": neg.llama.to(device, dtype), "encoder_attention_mask":
+                    neg.llama_mask.to(device), "pooled_projections": neg.pooled.to(device, dtype), **shared}
+        guidance = Guidance(cfg=request.cfg, gs=request.gs, rs=request.rs)
+
+        window = request.latent_window_size
+        schedule = SectionSchedule(self.spec.mode, start_latent, sections, window)
+        video = VideoAccumulator(self.spec.mode, schedule.overlap_frames)
+        generator = torch.Generator("cpu").manual_seed(request.seed)
+        teacache = TeaCache(b.transformer, request.teacache_threshold) if request.use_teacache else None
+        if teacache:
+            log.info("TeaCache on (threshold %.3g)", request.teacache_threshold)
+        try:
+            for k in range(sections):
+                emit(Stage(f"Sampling section {k + 1}/{sections}"))
+                self.placement.use(b, "transformer")
+                if teacache:
+                    teacache.reset(request.steps)
+                noise = draw_noise(generator, 1, window, height // 8, width // 8)
+                section_kwargs = schedule.inputs(k).to_kwargs(device, dtype)
+
+                def on_step(info: StepInfo, k=k) -> None:
+                    emit(StepProgress(section=k + 1, sections=sections, step=info.step + 1, steps=info.steps,
+                                      preview=latent_preview(info.denoised), elapsed_s=time.perf_counter() - t0))
+
+                latents = sample_section(b.transformer, noise=noise, steps=request.steps,
+                                         positive={**positive, **section_kwargs},
+                                         negative={**negative, **section_kwargs}, guidance=guidance,
+                                         dtype=dtype, device=device, on_step=on_step, cancel=cancel)
+                schedule.add(k, latents)
+                note = ""
+                if teacache:
+                    note = f"TeaCache: {teacache.stats['computed']}/{request.steps} steps computed"
+                    log.info("Section %d/%d: %s", k + 1, sections, note)
+
+                emit(Stage(f"Decoding section {k + 1}/{sections}"))
+                self.placement.use(b, "vae")
+                to_decode, _whole = schedule.newest_latents(k)
+                video.add(vae_decode(to_decode, b.vae))
+                path = files.write_video(video.to_uint8(), request.mp4_crf)
+                record["frames"] = video.frames
+                emit(SectionFinished(k + 1, sections, path, video.frames, time.perf_counter() - t0, note))
+                cancel.raise_if_cancelled()
+        finally:
+            if teacache:
+                teacache.remove()
+        return files.video
+
+
+def iter_events(engine: Engine, request: GenerationRequest, cancel: CancelToken | None = None,
+                job_id: str | None = None) -> Iterator[Event]:
+    """Run `engine.generate` on a worker thread and yield its events until the terminal one."""
+    events: queue.Queue = queue.Queue()
+    worker = threading.Thread(target=engine.generate, args=(request, events.put, cancel, job_id), daemon=True)
+    worker.start()
+    while True:
+        event = events.get()
+        yield event
+        if isinstance(event, TERMINAL):
+            break
+    worker.join()

@@ -1,0 +1,73 @@
+"""Writing results: MP4 through PyAV, the input PNG, and the JSON sidecar.
+
+Every file is written under a temporary name and renamed into place, so a crash or a cancel never
+leaves a half-written file that looks finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+from PIL import Image
+
+FPS = 30
+
+
+def _partial(path: Path) -> Path:
+    return path.with_name(f".{path.stem}.partial{path.suffix}")
+
+
+def pixels_to_uint8(pixels: torch.Tensor) -> np.ndarray:
+    """(1, 3, T, H, W) in [-1, 1] -> (T, H, W, 3) uint8, as the original rounds it."""
+    x = torch.clamp(pixels.float(), -1.0, 1.0) * 127.5 + 127.5
+    return x.detach().cpu().to(torch.uint8)[0].permute(1, 2, 3, 0).numpy()
+
+
+def write_mp4(frames: np.ndarray, path: Path, crf: int = 16, fps: int = FPS) -> Path:
+    """H.264, yuv420p; even dimensions are required by the encoder, so odd ones are padded by one."""
+    path = Path(path)
+    tmp = _partial(path)
+    t, h, w, _ = frames.shape
+    if h % 2 or w % 2:
+        frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+    with av.open(str(tmp), mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": str(int(crf))}
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    os.replace(tmp, path)
+    return path
+
+
+def write_png(image: np.ndarray, path: Path) -> Path:
+    path = Path(path)
+    tmp = _partial(path)
+    Image.fromarray(image).save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path
+
+
+def write_json(data: dict, path: Path) -> Path:
+    path = Path(path)
+    tmp = _partial(path)
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+    return path
+
+
+def read_video_info(path: Path) -> tuple[int, float, tuple[int, int]]:
+    """(decoded frame count, frames per second, (height, width)) — for tests and the UI gallery."""
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        count = sum(1 for _ in container.decode(stream))
+        return count, float(stream.average_rate), (stream.height, stream.width)
