@@ -30,7 +30,7 @@ from .preview import latent_preview
 from .request import GenerationRequest, InputError
 from .sampling import CancelToken, Guidance, JobCancelled, StepInfo, draw_noise, sample_section
 from .sections import SectionSchedule, frame_count, section_count
-from .teacache import TeaCache
+from .teacache import attach_teacache
 from .video import write_json, write_mp4, write_png
 
 log = logging.getLogger("framepack.engine")
@@ -74,6 +74,7 @@ class Engine:
         self.bundle = bundle
         self.spec = bundle.spec
         self.placement = placement or Placement.choose(torch.device("cpu"))
+        self.teacache = attach_teacache(bundle.transformer)  # before placement: offload hooks must wrap it
         self.placement.prepare(bundle)
         self.outputs_dir = Path(outputs_dir)
         self.dtype = bundle.transformer.dtype
@@ -187,15 +188,15 @@ class Engine:
         schedule = SectionSchedule(self.spec.mode, start_latent, sections, window)
         video = VideoAccumulator(self.spec.mode, schedule.overlap_frames)
         generator = torch.Generator("cpu").manual_seed(request.seed)
-        teacache = TeaCache(b.transformer, request.teacache_threshold) if request.use_teacache else None
-        if teacache:
+        teacache = self.teacache
+        teacache.configure(request.use_teacache, request.teacache_threshold)
+        if request.use_teacache:
             log.info("TeaCache on (threshold %.3g)", request.teacache_threshold)
         try:
             for k in range(sections):
                 emit(Stage(f"Sampling section {k + 1}/{sections}"))
                 self.placement.use(b, "transformer")
-                if teacache:
-                    teacache.reset(request.steps)
+                teacache.reset(request.steps)
                 noise = draw_noise(generator, 1, window, height // 8, width // 8)
                 section_kwargs = schedule.inputs(k).to_kwargs(device, dtype)
 
@@ -209,7 +210,7 @@ class Engine:
                                          dtype=dtype, device=device, on_step=on_step, cancel=cancel)
                 schedule.add(k, latents)
                 note = ""
-                if teacache:
+                if request.use_teacache:
                     note = f"TeaCache: {teacache.stats['computed']}/{request.steps} steps computed"
                     log.info("Section %d/%d: %s", k + 1, sections, note)
 
@@ -222,8 +223,7 @@ class Engine:
                 emit(SectionFinished(k + 1, sections, path, video.frames, time.perf_counter() - t0, note))
                 cancel.raise_if_cancelled()
         finally:
-            if teacache:
-                teacache.remove()
+            teacache.configure(False)
         return files.video
 
 

@@ -22,6 +22,7 @@ _HEAD, _SKIP, _TAIL = "teacache_head", "teacache_skip", "teacache_tail"
 
 @dataclass
 class TeaCacheConfig:
+    enabled: bool = False
     threshold: float = 0.15
     num_steps: int = 25
 
@@ -50,6 +51,10 @@ class _HeadHook(ModelHook):
 
     def new_forward(self, module, hidden_states, encoder_hidden_states, temb, *args, **kwargs):
         st = self.states.get_state()
+        if not self.config.enabled:
+            st.compute = True
+            st.block_input = None
+            return self.fn_ref.original_forward(hidden_states, encoder_hidden_states, temb, *args, **kwargs)
         modulated = module.norm1(hidden_states, emb=temb)[0]
         if st.count == 0 or st.count == self.config.num_steps - 1 or st.residual is None:
             compute = True
@@ -101,18 +106,22 @@ class _TailHook(ModelHook):
             return hidden_states + st.residual, encoder_hidden_states
         out_hidden, out_encoder = self.fn_ref.original_forward(hidden_states, encoder_hidden_states, *args,
                                                                **kwargs)
+        if st.block_input is None:  # TeaCache is off: nothing to remember
+            return out_hidden, out_encoder
         st.residual = out_hidden - st.block_input
         st.block_input = None
         return out_hidden, out_encoder
 
 
 class TeaCache:
-    """Attach to a FramePack transformer; call `reset(steps)` before each section."""
+    """Attach once to a FramePack transformer, then `configure` per job and `reset` per section.
 
-    def __init__(self, transformer, threshold: float = 0.15):
-        if threshold < 0:
-            raise ValueError(f"TeaCache threshold must be >= 0, got {threshold}")
-        self.config = TeaCacheConfig(threshold=threshold)
+    Attach before any offloading hooks, so offloading stays the outer hook and the blocks' weights are
+    on the GPU when the head hook reads the first block's norm; disabled, the hooks only pass through.
+    """
+
+    def __init__(self, transformer):
+        self.config = TeaCacheConfig()
         self.stats = {"computed": 0, "skipped": 0}
         self._states = StateManager(_State)
         blocks = list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
@@ -132,6 +141,11 @@ class TeaCache:
         self._root = HookRegistry.check_if_exists_or_initialize(transformer)
         self._root.invalidate_child_registries_cache()  # so cache_context() reaches the new hooks
 
+    def configure(self, enabled: bool, threshold: float = 0.15) -> None:
+        if threshold < 0:
+            raise ValueError(f"TeaCache threshold must be >= 0, got {threshold}")
+        self.config.enabled, self.config.threshold = enabled, threshold
+
     def reset(self, num_steps: int) -> None:
         self.config.num_steps = num_steps
         self._states.reset()
@@ -142,3 +156,14 @@ class TeaCache:
             registry.remove_hook(name, recurse=False)
         self._registries = []
         self._root.invalidate_child_registries_cache()
+        if getattr(self._root._module_ref, "_framepack_teacache", None) is self:
+            del self._root._module_ref._framepack_teacache
+
+
+def attach_teacache(transformer) -> TeaCache:
+    """The transformer's TeaCache, attached on first use (hooks are registered once per model)."""
+    existing = getattr(transformer, "_framepack_teacache", None)
+    if existing is None:
+        existing = TeaCache(transformer)
+        transformer._framepack_teacache = existing
+    return existing
