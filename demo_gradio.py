@@ -8,7 +8,6 @@ The UI only turns engine events into widget updates; all tensor work happens in 
 
 from __future__ import annotations
 
-import argparse
 import logging
 import random
 import threading
@@ -22,6 +21,8 @@ from diffusers_helper.loading import WeightsMissingError
 from diffusers_helper.request import GenerationRequest, InputError
 from diffusers_helper.sampling import CancelToken
 from diffusers_helper.service import EngineProvider
+from diffusers_helper.settings import Settings
+from diffusers_helper.startup import device_arg, model_name, placement_override, start
 
 log = logging.getLogger("framepack.app")
 
@@ -39,6 +40,7 @@ class AppState:
 
     provider: EngineProvider
     model_labels: dict[str, str]
+    defaults: Settings = field(default_factory=Settings)
     cancel: CancelToken | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -67,7 +69,9 @@ def run_job(state: AppState, image, prompt, negative_prompt, model_label, seed, 
             prompt=prompt or "", image=image, negative_prompt=negative_prompt or "", seed=int(seed),
             seconds=float(seconds), latent_window_size=int(window), steps=int(steps), cfg=float(cfg),
             gs=float(gs), rs=float(rs), use_teacache=bool(use_teacache),
-            gpu_memory_preservation_gb=float(gpu_memory_preservation), mp4_crf=int(crf)).validate()
+            gpu_memory_preservation_gb=float(gpu_memory_preservation), mp4_crf=int(crf),
+            teacache_threshold=state.defaults.teacache_threshold,
+            resolution=state.defaults.resolution or None).validate()
     except InputError as exc:
         gr.Warning(str(exc))
         yield None, None, f"**Cannot start:** {exc}", "", *idle
@@ -128,6 +132,7 @@ CSS = """
 
 def build_app(state: AppState) -> gr.Blocks:
     labels = list(state.model_labels)
+    d = state.defaults
     with gr.Blocks(title="FramePack") as app:
         gr.Markdown("# FramePack\nTurn an image and a prompt into a video, one section at a time.")
         with gr.Row():
@@ -142,25 +147,26 @@ def build_app(state: AppState) -> gr.Blocks:
                     stop = gr.Button("End Generation", interactive=False, elem_id="stop")
                 model = gr.Radio(labels, value=labels[0], label="Model", elem_id="model")
                 with gr.Group():
-                    use_teacache = gr.Checkbox(label="Use TeaCache", value=True,
+                    use_teacache = gr.Checkbox(label="Use TeaCache", value=d.use_teacache,
                                                info="Faster, but can hurt hands and fingers.")
-                    negative_prompt = gr.Textbox(label="Negative prompt", value="", visible=False)
+                    negative_prompt = gr.Textbox(label="Negative prompt", value="", visible=d.cfg > 1.0)
                     with gr.Row():
-                        seed = gr.Number(label="Seed", value=31337, precision=0, minimum=0, maximum=MAX_SEED)
+                        seed = gr.Number(label="Seed", value=d.seed, precision=0, minimum=0, maximum=MAX_SEED)
                         randomize = gr.Button("Random seed", size="sm")
-                    seconds = gr.Slider(label="Total video length (seconds)", minimum=1, maximum=120, value=5,
+                    seconds = gr.Slider(label="Total video length (seconds)", minimum=1, maximum=120, value=d.video_length,
                                         step=0.1)
-                    window = gr.Slider(label="Latent window size", minimum=1, maximum=33, value=9, step=1,
+                    window = gr.Slider(label="Latent window size", minimum=1, maximum=33, value=d.latent_window_size, step=1,
                                        visible=False)
-                    steps = gr.Slider(label="Steps", minimum=1, maximum=100, value=25, step=1,
+                    steps = gr.Slider(label="Steps", minimum=1, maximum=100, value=d.steps, step=1,
                                       info="Changing this is not recommended.")
-                    cfg = gr.Slider(label="CFG scale", minimum=1.0, maximum=32.0, value=1.0, step=0.01,
+                    cfg = gr.Slider(label="CFG scale", minimum=1.0, maximum=32.0, value=d.cfg, step=0.01,
                                     info="Real guidance; above 1 uses the negative prompt and is twice as slow.")
-                    gs = gr.Slider(label="Distilled CFG scale", minimum=1.0, maximum=32.0, value=10.0, step=0.01)
-                    rs = gr.Slider(label="CFG rescale", minimum=0.0, maximum=1.0, value=0.0, step=0.01)
-                    gpu_mem = gr.Slider(label="GPU memory preservation (GB)", minimum=6, maximum=128, value=6,
+                    gs = gr.Slider(label="Distilled CFG scale", minimum=1.0, maximum=32.0, value=d.gs, step=0.01)
+                    rs = gr.Slider(label="CFG rescale", minimum=0.0, maximum=1.0, value=d.rs, step=0.01)
+                    gpu_mem = gr.Slider(label="GPU memory preservation (GB)", minimum=6, maximum=128,
+                                        value=max(6.0, d.gpu_memory_preservation),
                                         step=0.1, info="Larger keeps more VRAM free, at some speed.")
-                    crf = gr.Slider(label="MP4 compression (CRF)", minimum=0, maximum=51, value=16, step=1,
+                    crf = gr.Slider(label="MP4 compression (CRF)", minimum=0, maximum=51, value=d.mp4_crf, step=1,
                                     info="Lower is better; 0 is lossless and can show black in some players.")
             with gr.Column():
                 preview = gr.Image(label="Next latents", height=200, visible=True, interactive=False,
@@ -180,38 +186,26 @@ def build_app(state: AppState) -> gr.Blocks:
     return app
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="FramePack web app")
-    p.add_argument("--tiny", action="store_true", help="use the small offline models (no download)")
-    p.add_argument("--share", action="store_true", help="make a public Gradio link")
-    p.add_argument("--server", default="127.0.0.1", help="address to bind (0.0.0.0 for the network)")
-    p.add_argument("--port", type=int, default=None, help="port (default: 7860 or the next free one)")
-    p.add_argument("--inbrowser", action="store_true", help="open a browser tab")
-    p.add_argument("--models-dir", default=None, help="local folder laid out like the Hugging Face repos")
-    p.add_argument("--offline", action="store_true", help="never download (HF_HUB_OFFLINE=1)")
-    p.add_argument("--output-dir", default="outputs")
-    p.add_argument("--device", default=None)
-    return p.parse_args(argv)
-
-
 def main(argv=None):
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    if args.tiny:
+    loaded = start(argv)
+    s = loaded.settings
+    model = model_name(s)
+    if model.startswith("tiny"):
         labels = {"Tiny (inverted, offline)": "tiny", "Tiny F1 (offline)": "tiny-f1"}
     else:
         labels = {"FramePack": "framepack", "FramePack-F1": "f1"}
-    provider = EngineProvider(models_dir=args.models_dir, offline=True if (args.offline or args.tiny) else None,
-                              device=args.device, outputs_dir=args.output_dir)
-    state = AppState(provider=provider, model_labels=labels)
-    log.info("Loading %s models before the UI starts", next(iter(labels)))
+    labels = dict(sorted(labels.items(), key=lambda kv: kv[1] != model))  # the chosen model first
+    provider = EngineProvider(models_dir=s.models_dir or None, offline=True if (s.offline or s.tiny) else None,
+                              device=device_arg(s), outputs_dir=s.output_dir, placement=placement_override(s))
+    state = AppState(provider=provider, model_labels=labels, defaults=s)
+    log.info("Loading %s models before the UI starts", model)
     try:
-        provider.get(next(iter(labels.values())))
+        provider.get(model)
     except WeightsMissingError as exc:
         log.error("%s", exc)
         raise SystemExit(2)
     app = build_app(state)
-    app.queue().launch(server_name=args.server, server_port=args.port, share=args.share, inbrowser=args.inbrowser,
+    app.queue().launch(server_name=s.server, server_port=s.port or None, share=s.share, inbrowser=s.inbrowser,
                        css=CSS, allowed_paths=[str(provider.outputs_dir.resolve())])
 
 

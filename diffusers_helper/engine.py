@@ -164,6 +164,9 @@ class Engine:
             finally:
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
+                    log.info("GPU Memory after generation: %.2f GB (peak %.2f GB)",
+                             torch.cuda.memory_allocated(self.device) / 1024**3,
+                             torch.cuda.max_memory_allocated(self.device) / 1024**3)
 
     def _run(self, request, files, sections, emit, cancel, t0, record) -> Path:
         b = self.bundle

@@ -26,13 +26,20 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(EXIT_BAD_INPUT)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    d = GenerationRequest(prompt="")
+def build_parser(defaults=None) -> argparse.ArgumentParser:
+    """Flags default to the FRAMEPACK_* settings (config file and environment), then the original's values."""
+    from .settings import Settings
+
+    s = defaults or Settings()
+    d = GenerationRequest(prompt="", negative_prompt="", seed=s.seed, seconds=s.video_length,
+                          latent_window_size=s.latent_window_size, steps=s.steps, cfg=s.cfg, gs=s.gs, rs=s.rs,
+                          use_teacache=s.use_teacache, teacache_threshold=s.teacache_threshold, mp4_crf=s.mp4_crf,
+                          resolution=s.resolution or None)
     p = _Parser(prog="python -m diffusers_helper.generate", description="FramePack image-to-video, headless.")
     p.add_argument("--image", required=True, help="input image file")
     p.add_argument("--prompt", required=True, help="what should happen in the video")
     p.add_argument("--negative-prompt", default=d.negative_prompt, help="used only when --cfg > 1")
-    p.add_argument("--model", default="framepack", help=f"one of {', '.join(MODEL_NAMES)}")
+    p.add_argument("--model", default=s.model, help=f"one of {', '.join(MODEL_NAMES)}")
     p.add_argument("--seconds", type=float, default=d.seconds, help="video length in seconds")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--steps", type=int, default=d.steps)
@@ -40,14 +47,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg", type=float, default=d.cfg, help="real CFG scale (1 = off, twice as fast)")
     p.add_argument("--gs", type=float, default=d.gs, help="distilled CFG scale")
     p.add_argument("--rs", type=float, default=d.rs, help="CFG rescale")
-    p.add_argument("--no-teacache", action="store_true", help="compute every step (best quality)")
+    p.add_argument("--no-teacache", dest="teacache", action="store_false", default=d.use_teacache,
+                   help="compute every step (best quality)")
     p.add_argument("--teacache-threshold", type=float, default=d.teacache_threshold)
     p.add_argument("--crf", type=int, default=d.mp4_crf, help="MP4 quality, 0-51, lower is better")
-    p.add_argument("--resolution", type=int, default=None, help="bucket resolution (default: the model's)")
-    p.add_argument("--output", default="outputs", help="output folder")
-    p.add_argument("--models-dir", default=None, help="local folder laid out like the Hugging Face repos")
-    p.add_argument("--offline", action="store_true", help="never touch the network (HF_HUB_OFFLINE=1)")
-    p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
+    p.add_argument("--resolution", type=int, default=d.resolution, help="bucket resolution (default: the model's)")
+    p.add_argument("--output", default=s.output_dir, help="output folder")
+    p.add_argument("--models-dir", default=s.models_dir or None, help="local folder laid out like the HF repos")
+    p.add_argument("--offline", action="store_true", default=s.offline, help="never download (HF_HUB_OFFLINE=1)")
+    p.add_argument("--device", default=None if s.device == "auto" else s.device,
+                   help="cuda, cuda:1 or cpu (default: cuda when available)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -58,13 +67,22 @@ def request_from_args(args) -> GenerationRequest:
     return GenerationRequest(
         prompt=args.prompt, image=load_image(args.image), negative_prompt=args.negative_prompt, seed=args.seed,
         seconds=args.seconds, latent_window_size=args.window, steps=args.steps, cfg=args.cfg, gs=args.gs,
-        rs=args.rs, use_teacache=not args.no_teacache, teacache_threshold=args.teacache_threshold,
+        rs=args.rs, use_teacache=args.teacache, teacache_threshold=args.teacache_threshold,
         mp4_crf=args.crf, resolution=args.resolution,
     ).validate()
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from .settings import SettingsError, load_settings
+
+    try:
+        loaded = load_settings([])  # config file + FRAMEPACK_* environment
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    for warning in loaded.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    args = build_parser(loaded.settings).parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, stream=sys.stderr,
                         format="%(message)s")
     try:
@@ -89,7 +107,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
-    engine = Engine(bundle, Placement.choose(pick_device(args.device)), outputs_dir=args.output)
+    from .startup import apply_runtime_flags, placement_override
+
+    for line in apply_runtime_flags(loaded.settings):
+        logging.getLogger("framepack.startup").info(line)
+    placement = Placement.choose(pick_device(args.device), placement_override(loaded.settings))
+    engine = Engine(bundle, placement, outputs_dir=args.output)
     cancel = CancelToken()
     signal.signal(signal.SIGINT, lambda *_: cancel.cancel())
     bar = None

@@ -1,0 +1,599 @@
+"""Every knob users set, in one typed object, read from four sources.
+
+Lowest to highest: defaults, a YAML config file (`config.yaml` or `--config PATH`), `FRAMEPACK_*`
+environment variables, command-line flags. The UI overrides job settings per job. Each field's
+metadata names its variable and flags, its accepted values and whether this version implements it;
+the parser, validation, `--explain` and docs/settings.md all come from that one table.
+
+    python -m diffusers_helper.settings --explain [--config PATH] [flags...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import logging
+import os
+import sys
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+log = logging.getLogger("framepack.settings")
+
+# Status of a setting in this version.
+ACTIVE = "active"
+PLANNED = "planned"  # the feature is not built yet: say so instead of ignoring the value
+UNSUPPORTED = "unsupported"  # deliberately not offered; the reason says why
+
+TRUE_WORDS = {"1", "true", "yes", "on"}
+FALSE_WORDS = {"0", "false", "no", "off"}
+
+
+class SettingsError(ValueError):
+    """A bad value: names the variable, the value and what is accepted. Stops start-up."""
+
+
+def _s(default, env=None, flags=(), help="", *, choices=None, min=None, max=None, status=ACTIVE, note="",
+       group="general", aliases=(), negative_flags=(), kind=None):
+    """Field with the metadata the parser, validator and docs read."""
+    meta = dict(env=env, flags=tuple(flags), help=help, choices=choices, min=min, max=max, status=status, note=note,
+                group=group, aliases=tuple(aliases), negative_flags=tuple(negative_flags), kind=kind)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+_V5 = "VAE decode work (issue 5)"
+_V6 = "speed layer (issue 6)"
+_V7 = "memory manager (issue 7)"
+
+
+@dataclass
+class Settings:
+    # -- app and files ------------------------------------------------------------------------------
+    model: str = _s("framepack", "FRAMEPACK_MODEL", ["--model"], "model to load first",
+                    choices=("framepack", "f1", "tiny", "tiny-f1"))
+    tiny: bool = _s(False, "FRAMEPACK_TINY", ["--tiny"], "use the small offline models (no download)")
+    models_dir: str = _s("", "FRAMEPACK_MODELS_DIR", ["--models-dir"], "local folder laid out like the HF repos",
+                         kind="path")
+    cache_dir: str = _s("cache", "FRAMEPACK_CACHE_DIR", ["--cache-dir"], "where the tiny models and caches live",
+                        kind="path")
+    output_dir: str = _s("outputs", "FRAMEPACK_OUTPUT_DIR", ["--output-dir"], "where videos are written",
+                         kind="path")
+    offline: bool = _s(False, "FRAMEPACK_OFFLINE", ["--offline"], "never download (same as HF_HUB_OFFLINE=1)")
+    device: str = _s("auto", "FRAMEPACK_DEVICE", ["--device"], "auto, cpu, cuda or cuda:N")
+    server: str = _s("127.0.0.1", "FRAMEPACK_SERVER", ["--server"], "address the web app binds to")
+    port: int = _s(0, "FRAMEPACK_PORT", ["--port"], "web app port (0: 7860 or the next free one)", min=0, max=65535)
+    share: bool = _s(False, "FRAMEPACK_SHARE", ["--share"], "make a public Gradio link")
+    inbrowser: bool = _s(False, "FRAMEPACK_INBROWSER", ["--inbrowser"], "open a browser tab at start")
+    skip_compat_wait: bool = _s(False, "FRAMEPACK_SKIP_COMPAT_WAIT", ["--no-compat-wait"],
+                                "do not pause 5 s after a critical compatibility finding")
+    log_level: str = _s("INFO", "FRAMEPACK_LOG_LEVEL", ["--log-level"], "logging level",
+                        choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+
+    # -- job defaults (the UI starts from these; each job may override) --------------------------------
+    seed: int = _s(31337, "FRAMEPACK_SEED", ["--seed"], "default seed", min=0, max=2**63 - 1, group="job")
+    video_length: float = _s(5.0, "FRAMEPACK_VIDEO_LENGTH", ["--video-length"], "default length in seconds",
+                             min=0.1, max=120.0, group="job")
+    steps: int = _s(25, "FRAMEPACK_STEPS", ["--steps"], "sampling steps per section", min=1, max=100, group="job")
+    latent_window_size: int = _s(9, "FRAMEPACK_LATENT_WINDOW_SIZE", ["--latent-window-size"],
+                                 "latent frames per section", min=1, max=33, group="job")
+    cfg: float = _s(1.0, "FRAMEPACK_CFG", ["--cfg"], "real CFG scale (1: off)", min=1.0, max=32.0, group="job")
+    gs: float = _s(10.0, "FRAMEPACK_GS", ["--gs"], "distilled CFG scale", min=0.0, max=32.0, group="job")
+    rs: float = _s(0.0, "FRAMEPACK_RS", ["--rs"], "CFG rescale", min=0.0, max=1.0, group="job")
+    use_teacache: bool = _s(True, "FRAMEPACK_USE_TEACACHE", ["--teacache"], "TeaCache on by default", group="job",
+                            negative_flags=["--no-teacache"])
+    teacache_threshold: float = _s(0.15, "FRAMEPACK_TEACACHE_THRESHOLD", ["--teacache-threshold"],
+                                   "TeaCache accumulated-change threshold", min=0.0, max=1.0, group="job")
+    gpu_memory_preservation: float = _s(6.0, "FRAMEPACK_GPU_MEMORY_PRESERVATION", ["--gpu-memory-preservation"],
+                                        "GB of VRAM to keep free while the transformer is loaded", min=0.0,
+                                        max=128.0, group="job")
+    mp4_crf: int = _s(16, "FRAMEPACK_MP4_CRF", ["--mp4-crf"], "H.264 quality, lower is better", min=0, max=51,
+                      group="job")
+    resolution: int = _s(0, "FRAMEPACK_RESOLUTION", ["--resolution"],
+                         "bucket resolution (0: the model's own, 640 for the real models)", min=0, max=2048,
+                         group="job")
+    quality_mode: bool = _s(False, "FRAMEPACK_QUALITY_MODE", ["--quality-mode"],
+                            "fewer, larger VAE decode chunks (fewer seams)", group="job", status=PLANNED, note=_V5)
+    mixed_precision: bool = _s(True, "FRAMEPACK_MIXED_PRECISION", ["--mixed-precision"],
+                               "bf16/fp16 compute; off computes the transformer in float32", group="job",
+                               negative_flags=["--no-mixed-precision"], status=PLANNED, note=_V7)
+    batch_processing: bool = _s(False, "FRAMEPACK_BATCH_PROCESSING", ["--batch-processing"],
+                                "run the CFG branches as one batch when CFG > 1", group="job", status=PLANNED,
+                                note=_V6)
+
+    # -- memory ------------------------------------------------------------------------------------------
+    keep_models_in_gpu: bool = _s(False, "FRAMEPACK_KEEP_MODELS_IN_GPU", ["--keep-models-in-gpu"],
+                                  "keep every model on the GPU (needs ~60 GB free)", group="memory")
+    aggressive_gpu: bool = _s(False, "FRAMEPACK_AGGRESSIVE_GPU", ["--aggressive-gpu"],
+                              "use more VRAM: larger chunks, less preserved memory", group="memory",
+                              status=PLANNED, note=_V7)
+    placement: str = _s("auto", "FRAMEPACK_PLACEMENT", ["--placement"],
+                        "model placement policy: auto, full or swap", choices=("auto", "full", "swap"),
+                        group="memory")
+    use_memory_v2: bool = _s(False, "FRAMEPACK_USE_MEMORY_V2", ["--use-memory-v2"],
+                             "stream the transformer with pinned memory and prefetch (the swap policy)",
+                             group="memory")
+    chunk_size_multiplier: float = _s(1.0, "FRAMEPACK_CHUNK_SIZE_MULTIPLIER", ["--chunk-size-multiplier"],
+                                      "scales auto-sized chunks", min=0.5, max=3.0, group="memory",
+                                      status=PLANNED, note=_V5)
+    max_chunk_size: int = _s(2048, "FRAMEPACK_MAX_CHUNK_SIZE", ["--max-chunk-size"], "upper bound for chunks",
+                             min=1024, max=8192, group="memory", status=PLANNED, note=_V5)
+    cpu_offload_threshold_gb: float = _s(6.0, "FRAMEPACK_CPU_OFFLOAD_THRESHOLD", ["--cpu-offload-threshold"],
+                                         "offload to CPU only when GPU memory in use exceeds this (GB)", min=0.0,
+                                         max=128.0, group="memory", status=PLANNED, note=_V7)
+    bnb_cpu_offload: bool = _s(False, "FRAMEPACK_BNB_CPU_OFFLOAD", ["--bnb-cpu-offload"],
+                               "offload quantized models to CPU when idle", group="memory", status=PLANNED,
+                               note=_V6)
+
+    # -- speed: attention, compile, precision ------------------------------------------------------------
+    xformers_mode: str = _s("standard", "FRAMEPACK_XFORMERS_MODE", ["--xformers-mode"],
+                            "standard: fastest PyTorch SDPA kernel; aggressive: xFormers; off: plain math",
+                            choices=("standard", "aggressive", "off"), group="speed", status=PLANNED, note=_V6)
+    enable_compile: bool = _s(False, "FRAMEPACK_ENABLE_COMPILE", ["--enable-compile"],
+                              "torch.compile the repeated transformer blocks", group="speed", status=PLANNED,
+                              note=_V6)
+    compile_mode: str = _s("default", "FRAMEPACK_COMPILE_MODE", ["--compile-mode"], "torch.compile mode",
+                           choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+                           group="speed", status=PLANNED, note=_V6)
+    fast_start: bool = _s(False, "FRAMEPACK_FAST_START", ["--fast-start"],
+                          "skip compile warm-up and optimized-model caching at start-up", group="speed",
+                          status=PLANNED, note=_V6)
+    jit_mode: str = _s("off", "FRAMEPACK_JIT_MODE", ["--jit-mode"], "TorchScript mode",
+                       choices=("off", "trace", "script"), group="speed", status=UNSUPPORTED,
+                       note="TorchScript is deprecated in PyTorch and cannot trace diffusers' hooked transformer; "
+                            "use FRAMEPACK_ENABLE_COMPILE=1")
+    jit_artifact: str = _s("", "FRAMEPACK_JIT_ARTIFACT", [], "TorchScript file", group="speed", kind="path",
+                           status=UNSUPPORTED, note="TorchScript is not offered (see jit_mode)")
+    jit_save: str = _s("", "FRAMEPACK_JIT_SAVE", [], "save a traced model", group="speed", kind="path",
+                       status=UNSUPPORTED, note="TorchScript is not offered (see jit_mode)")
+    jit_load: str = _s("", "FRAMEPACK_JIT_LOAD", [], "load a traced model", group="speed", kind="path",
+                       status=UNSUPPORTED, note="TorchScript is not offered (see jit_mode)")
+    jit_strict: bool = _s(False, "FRAMEPACK_JIT_STRICT", [], "strict TorchScript shapes", group="speed",
+                          status=UNSUPPORTED, note="TorchScript is not offered (see jit_mode)")
+    enforce_low_precision: bool = _s(False, "FRAMEPACK_ENFORCE_LOW_PRECISION", ["--enforce-low-precision"],
+                                     "cast every model to bf16/fp16 (no float32 layers)", group="speed",
+                                     status=PLANNED, note=_V6)
+    tf32: bool = _s(True, "FRAMEPACK_TF32", ["--tf32"], "TF32 matmuls for float32 work on Ampere+",
+                    group="speed", negative_flags=["--no-tf32"])
+    cudnn_benchmark: bool = _s(True, "FRAMEPACK_CUDNN_BENCHMARK", ["--cudnn-benchmark"],
+                               "let cuDNN pick the fastest convolution (VAE) per shape", group="speed",
+                               negative_flags=["--no-cudnn-benchmark"])
+    enable_prune: bool = _s(False, "FRAMEPACK_ENABLE_PRUNE", ["--enable-prune"], "remove transformer layers",
+                            group="speed", status=UNSUPPORTED,
+                            note="removing layers of a distilled 13B model changes its output; not offered")
+
+    # -- quantization ---------------------------------------------------------------------------------------
+    enable_fp8: bool = _s(False, "FRAMEPACK_ENABLE_FP8", ["--enable-fp8"], "FP8 linear layers (Ada/Hopper+)",
+                          group="quant", status=PLANNED, note=_V6)
+    fp8_target_keys: list = _s([], "FRAMEPACK_FP8_TARGET_KEYS", ["--fp8-target-keys"],
+                               "comma-separated module-name parts to convert (empty: all linears)", group="quant",
+                               kind="csv", status=PLANNED, note=_V6)
+    fp8_exclude_keys: list = _s(["norm"], "FRAMEPACK_FP8_EXCLUDE_KEYS", ["--fp8-exclude-keys"],
+                                "comma-separated module-name parts to keep in bf16", group="quant", kind="csv",
+                                status=PLANNED, note=_V6)
+    fp8_use_scaled_mm: bool = _s(True, "FRAMEPACK_FP8_USE_SCALED_MM", ["--fp8-use-scaled-mm"],
+                                 "row-wise scaled FP8 matmul (torch._scaled_mm)", group="quant", status=PLANNED,
+                                 note=_V6)
+    enable_quant: bool = _s(False, "FRAMEPACK_ENABLE_QUANT", ["--enable-quant"], "torchao INT-N weights",
+                            group="quant", status=PLANNED, note=_V6)
+    quant_bits: int = _s(8, "FRAMEPACK_QUANT_BITS", ["--quant-bits"], "INT weight bits", choices=(4, 8),
+                         group="quant", status=PLANNED, note=_V6)
+    use_bnb: bool = _s(False, "FRAMEPACK_USE_BNB", ["--use-bnb"], "bitsandbytes quantized transformer",
+                       group="quant", status=PLANNED, note=_V6)
+    bnb_load_in_4bit: bool = _s(False, "FRAMEPACK_BNB_LOAD_IN_4BIT", ["--bnb-load-in-4bit"],
+                                "bitsandbytes 4-bit (NF4) instead of 8-bit", group="quant", status=PLANNED, note=_V6)
+    bnb_device_map: str = _s("auto", "FRAMEPACK_BNB_DEVICE_MAP", ["--bnb-device-map"], "bitsandbytes placement",
+                             choices=("auto", "cpu", "balanced"), group="quant", status=PLANNED, note=_V6)
+    bnb_double_quant: bool = _s(False, "FRAMEPACK_BNB_DOUBLE_QUANT", ["--bnb-double-quant"],
+                                "bitsandbytes nested quantization", group="quant", status=PLANNED, note=_V6)
+    enable_opt_cache: bool = _s(False, "FRAMEPACK_ENABLE_OPT_CACHE", ["--enable-opt-cache"],
+                                "save the quantized transformer and reload it next time", group="quant",
+                                status=PLANNED, note=_V6)
+    optimized_transformer: str = _s("optimized_models/transformer_quantized.pt", "FRAMEPACK_OPTIMIZED_TRANSFORMER",
+                                    ["--optimized-transformer"], "where the optimized transformer is saved",
+                                    group="quant", kind="path", status=PLANNED, note=_V6)
+    enable_module_cache: bool = _s(False, "FRAMEPACK_ENABLE_MODULE_CACHE", ["--enable-module-cache"],
+                                   "keep compiled artefacts on disk between launches", group="quant",
+                                   status=PLANNED, note=_V6)
+
+    # -- step caches -----------------------------------------------------------------------------------------
+    enable_fbcache: bool = _s(False, "FRAMEPACK_ENABLE_FBCACHE", ["--enable-fbcache"],
+                              "first-block cache (diffusers FirstBlockCache)", group="caches",
+                              negative_flags=["--disable-fbcache"], status=PLANNED, note=_V6)
+    fbcache_threshold: float = _s(0.035, "FRAMEPACK_FBCACHE_THRESHOLD", ["--fbcache-threshold"],
+                                  "first-block residual change threshold", min=0.0, max=1.0, group="caches",
+                                  status=PLANNED, note=_V6)
+    fbcache_verbose: bool = _s(False, "FRAMEPACK_FBCACHE_VERBOSE", [], "log first-block cache decisions",
+                               group="caches", status=PLANNED, note=_V6)
+    enable_sim_cache: bool = _s(False, "FRAMEPACK_ENABLE_SIM_CACHE", ["--enable-sim-cache"],
+                                "similarity cache", group="caches", negative_flags=["--disable-sim-cache"],
+                                status=UNSUPPORTED, note="TeaCache (and the first-block cache) cover step reuse; a "
+                                "cosine-similarity cache of whole outputs has no published FramePack calibration")
+    sim_cache_threshold: float = _s(0.9, "FRAMEPACK_SIM_CACHE_THRESHOLD", [], "cosine threshold", min=0.0,
+                                    max=1.0, group="caches", status=UNSUPPORTED, note="see enable_sim_cache")
+    sim_cache_max_skip: int = _s(1, "FRAMEPACK_SIM_CACHE_MAX_SKIP", [], "max blocks to skip", min=0, max=100,
+                                 group="caches", status=UNSUPPORTED, note="see enable_sim_cache")
+    sim_cache_max_entries: int = _s(12, "FRAMEPACK_SIM_CACHE_MAX_ENTRIES", [], "cache size", min=1, max=1000,
+                                    group="caches", status=UNSUPPORTED, note="see enable_sim_cache")
+    sim_cache_use_faiss: bool = _s(False, "FRAMEPACK_SIM_CACHE_USE_FAISS", [], "FAISS search", group="caches",
+                                   status=UNSUPPORTED, note="see enable_sim_cache")
+    sim_cache_verbose: bool = _s(False, "FRAMEPACK_SIM_CACHE_VERBOSE", [], "debug logging", group="caches",
+                                 status=UNSUPPORTED, note="see enable_sim_cache")
+    enable_kv_cache: bool = _s(False, "FRAMEPACK_ENABLE_KV_CACHE", ["--enable-kv-cache"],
+                               "cache the text tokens' keys/values across steps", group="caches",
+                               negative_flags=["--disable-kv-cache"], status=PLANNED, note=_V6)
+    kv_cache_len: int = _s(4096, "FRAMEPACK_KV_CACHE_LEN", [], "max cached sequence length", min=1, max=1 << 20,
+                           group="caches", status=PLANNED, note=_V6)
+    kv_cache_verbose: bool = _s(False, "FRAMEPACK_KV_CACHE_VERBOSE", [], "debug logging", group="caches",
+                                status=PLANNED, note=_V6)
+    runtime_cache: bool = _s(True, "FRAMEPACK_RUNTIME_CACHE", [], "persist cache states between jobs",
+                             group="caches", status=PLANNED, note=_V6)
+    runtime_cache_dir: str = _s("cache/runtime_caches", "FRAMEPACK_RUNTIME_CACHE_DIR", [],
+                                "where cache states are kept", group="caches", kind="path", status=PLANNED,
+                                note=_V6)
+
+    # -- VAE decode ---------------------------------------------------------------------------------------------
+    vae_chunk_size: int = _s(0, "FRAMEPACK_VAE_CHUNK_SIZE", ["--vae-chunk-size"],
+                             "latent frames per decode chunk (0: sized from free VRAM)", min=0, max=64,
+                             group="vae", status=PLANNED, note=_V5)
+    vae_chunk_reserve_gb: float = _s(2.0, "FRAMEPACK_VAE_CHUNK_RESERVE_GB", [], "VRAM kept free when sizing chunks",
+                                     min=0.0, max=128.0, group="vae", status=PLANNED, note=_V5)
+    vae_chunk_safety: float = _s(1.2, "FRAMEPACK_VAE_CHUNK_SAFETY", [], "multiplier on the estimated chunk memory",
+                                 min=1.0, max=4.0, group="vae", status=PLANNED, note=_V5)
+    vae_upscale_factor: int = _s(8, "FRAMEPACK_VAE_UPSCALE_FACTOR", [], "VAE spatial upscale (pixels per latent)",
+                                 choices=(8,), group="vae", status=PLANNED, note=_V5)
+
+    # -- TensorRT / ONNX ----------------------------------------------------------------------------------------
+    enable_tensorrt: bool = _s(False, "FRAMEPACK_ENABLE_TENSORRT", ["--enable-tensorrt"],
+                               "TensorRT VAE decoder with fallback", group="tensorrt", status=PLANNED, note=_V5)
+    tensorrt_cache_dir: str = _s("cache/trt_cache", "FRAMEPACK_TENSORRT_CACHE_DIR", [], "engine cache",
+                                 group="tensorrt", kind="path", status=PLANNED, note=_V5)
+    trt_workspace_mb: int = _s(4096, "FRAMEPACK_TRT_WORKSPACE_MB", [], "builder workspace", min=256, max=1 << 20,
+                               group="tensorrt", status=PLANNED, note=_V5)
+    trt_max_aux_streams: int = _s(2, "FRAMEPACK_TRT_MAX_AUX_STREAMS", [], "auxiliary streams", min=0, max=16,
+                                  group="tensorrt", status=PLANNED, note=_V5)
+    trt_max_cached_shapes: int = _s(8, "FRAMEPACK_TRT_MAX_CACHED_SHAPES", [], "engines kept per shape cache",
+                                    min=1, max=256, group="tensorrt", status=PLANNED, note=_V5)
+    trt_transformer: bool = _s(False, "FRAMEPACK_TRT_TRANSFORMER", [], "TensorRT transformer", group="tensorrt",
+                               status=UNSUPPORTED, note="the 13B transformer with its history inputs does not "
+                               "export to a static TensorRT engine; torch.compile and FP8 are the transformer path")
+    trt_text_encoders: bool = _s(False, "FRAMEPACK_TRT_TEXT_ENCODERS", [], "TensorRT text encoders",
+                                 group="tensorrt", status=UNSUPPORTED,
+                                 note="text encoding runs once per job (well under 1% of the time)")
+    use_onnx_engines: bool = _s(False, "FRAMEPACK_USE_ONNX_ENGINES", [], "pre-built ONNX engines",
+                                group="tensorrt", status=UNSUPPORTED, note="see trt_transformer")
+    onnx_trt_enable: bool = _s(False, "FRAMEPACK_ONNX_TRT_ENABLE", [], "ONNX Runtime TensorRT provider",
+                               group="tensorrt", status=UNSUPPORTED, note="see trt_transformer")
+    onnx_trt_fp16: bool = _s(True, "FRAMEPACK_ONNX_TRT_FP16", [], "ONNX TRT fp16", group="tensorrt",
+                             status=UNSUPPORTED, note="see trt_transformer")
+    onnx_trt_int8: bool = _s(False, "FRAMEPACK_ONNX_TRT_INT8", [], "ONNX TRT int8", group="tensorrt",
+                             status=UNSUPPORTED, note="see trt_transformer")
+    onnx_trt_device_id: int = _s(0, "FRAMEPACK_ONNX_TRT_DEVICE_ID", [], "ONNX TRT GPU", min=0, max=63,
+                                 group="tensorrt", status=UNSUPPORTED, note="see trt_transformer")
+    onnx_trt_workspace_mb: int = _s(4096, "FRAMEPACK_ONNX_TRT_WORKSPACE_MB", [], "ONNX TRT workspace", min=256,
+                                    max=1 << 20, group="tensorrt", status=UNSUPPORTED, note="see trt_transformer")
+    onnx_trt_cache_dir: str = _s("cache/onnx_trt_cache", "FRAMEPACK_ONNX_TRT_CACHE_DIR", [], "ONNX TRT cache",
+                                 group="tensorrt", kind="path", status=UNSUPPORTED, note="see trt_transformer")
+
+    # -- loading ------------------------------------------------------------------------------------------------
+    parallel_loaders: int = _s(1, "FRAMEPACK_PARALLEL_LOADERS", [], "threads loading model parts", min=1, max=16,
+                               group="loading", status=PLANNED, note=_V7)
+    preload_repos: bool = _s(False, "FRAMEPACK_PRELOAD_REPOS", [], "download every repo at start-up",
+                             group="loading", status=PLANNED, note=_V7)
+    force_parallel_loaders: bool = _s(False, "FRAMEPACK_FORCE_PARALLEL_LOADERS", [],
+                                      "parallel loading even when RAM is short", group="loading", status=PLANNED,
+                                      note=_V7)
+
+
+# Names other tools use for the same setting (the seeds' config.yaml keys); resolved on read.
+CONFIG_ALIASES = {
+    "enable_torch_compile": "enable_compile",
+    "torch_compile_mode": "compile_mode",
+    "enable_cpu_offload": "use_memory_v2",
+    "low_vram": "use_memory_v2",
+}
+# Plain PyTorch variables the seeds tell users to set; read here so they are not silently ignored.
+TORCH_ENV = {
+    "PYTORCH_ENABLE_FLASH_SDP": "flash attention kernel of PyTorch SDPA (0 disables it)",
+    "PYTORCH_ENABLE_MEM_EFFICIENT_SDP": "memory-efficient kernel of PyTorch SDPA (0 disables it)",
+    "PYTORCH_CUDA_ALLOC_CONF": "CUDA caching allocator options, read by PyTorch itself",
+}
+
+
+@dataclass(frozen=True)
+class Source:
+    kind: str  # default, config, env, cli
+    where: str = ""
+
+    def __str__(self) -> str:
+        return self.kind if not self.where else f"{self.kind} ({self.where})"
+
+
+@dataclass
+class LoadedSettings:
+    settings: Settings
+    sources: dict[str, Source]
+    warnings: list[str]
+
+    def explicitly_set(self, name: str) -> bool:
+        return self.sources[name].kind != "default"
+
+
+def setting_fields():
+    return [f for f in fields(Settings)]
+
+
+def _type_name(f) -> str:
+    kind = f.metadata["kind"]
+    if kind == "csv":
+        return "list (comma-separated)"
+    if kind == "path":
+        return "path"
+    return {bool: "bool", int: "int", float: "float", str: "str", list: "list"}.get(_pytype(f), str(f.type))
+
+
+def _pytype(f):
+    return {"bool": bool, "int": int, "float": float, "str": str, "list": list}.get(str(f.type), str)
+
+
+def accepted(f) -> str:
+    m = f.metadata
+    t = _pytype(f)
+    if m["choices"]:
+        return ", ".join(str(c) for c in m["choices"])
+    if t is bool:
+        return "1/0, true/false, yes/no, on/off"
+    if m["min"] is not None and m["max"] is not None:
+        return f"{m['min']} to {m['max']}"
+    if m["kind"] == "csv":
+        return "comma-separated names"
+    return "any text" if t is str else t.__name__
+
+
+def parse_value(f, raw: Any, origin: str):
+    """Convert and check one raw value (text from env/CLI, or YAML scalars)."""
+    m = f.metadata
+    t = _pytype(f)
+
+    def bad(reason: str = ""):
+        extra = f" ({reason})" if reason else ""
+        return SettingsError(f"{origin}={raw!r} is not valid{extra}; accepted: {accepted(f)}")
+
+    if t is bool:
+        if isinstance(raw, bool):
+            value = raw
+        else:
+            word = str(raw).strip().lower()
+            if word in TRUE_WORDS:
+                value = True
+            elif word in FALSE_WORDS:
+                value = False
+            else:
+                raise bad()
+    elif t is int:
+        if isinstance(raw, bool):
+            raise bad()
+        try:
+            value = int(str(raw).strip(), 10) if not isinstance(raw, int) else raw
+        except ValueError:
+            raise bad("not a whole number") from None
+    elif t is float:
+        if isinstance(raw, bool):
+            raise bad()
+        try:
+            value = float(raw)
+        except (TypeError, ValueError):
+            raise bad("not a number") from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise bad("not a finite number")
+    elif t is list:
+        if isinstance(raw, (list, tuple)):
+            value = [str(x).strip() for x in raw if str(x).strip()]
+        else:
+            value = [part.strip() for part in str(raw).split(",") if part.strip()]
+    else:
+        value = str(raw).strip() if raw is not None else ""
+        if f.name == "log_level":
+            value = value.upper()
+    if m["choices"] and value not in m["choices"]:
+        raise bad()
+    if m["min"] is not None and value < m["min"]:
+        raise bad(f"below {m['min']}")
+    if m["max"] is not None and value > m["max"]:
+        raise bad(f"above {m['max']}")
+    return value
+
+
+def _by_env() -> dict[str, Any]:
+    return {f.metadata["env"]: f for f in setting_fields() if f.metadata["env"]}
+
+
+def _flatten(data: Mapping, prefix: str = "") -> dict[str, Any]:
+    """Accept flat keys or one level of grouping (`model: {enable_torch_compile: true}`)."""
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _read_config(path: Path, by_name: dict, explicit: bool) -> dict[str, tuple[Any, str]]:
+    import yaml
+
+    if not path.is_file():
+        if explicit:
+            raise SettingsError(f"config file not found: {path}")
+        return {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        first = str(exc).splitlines()[0]
+        raise SettingsError(f"config file {path} is not valid YAML: {first}") from None
+    if not isinstance(data, Mapping):
+        raise SettingsError(f"config file {path} must be a mapping of setting names to values")
+    values = {}
+    for dotted, value in _flatten(data).items():
+        key = dotted.rsplit(".", 1)[-1]
+        name = CONFIG_ALIASES.get(key, key)
+        if name not in by_name:
+            near = difflib.get_close_matches(name, list(by_name), n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise SettingsError(f"config file {path}: unknown setting {dotted!r}{hint}")
+        values[name] = (value, f"{path}:{dotted}")
+    return values
+
+
+def build_parser(add_help: bool = True, prog: str | None = None) -> argparse.ArgumentParser:
+    """Flags for every setting that has one; values stay strings so one validator checks all sources."""
+    p = argparse.ArgumentParser(prog=prog, add_help=add_help, argument_default=argparse.SUPPRESS)
+    p.add_argument("--config", default=argparse.SUPPRESS, help="YAML settings file (default: ./config.yaml)")
+    for f in setting_fields():
+        m = f.metadata
+        if not m["flags"] and not m["negative_flags"]:
+            continue
+        help_text = m["help"] + ("" if m["status"] == ACTIVE else f" [{m['status']}]")
+        if _pytype(f) is bool:
+            if m["flags"]:
+                p.add_argument(*m["flags"], dest=f.name, action="store_const", const="1", help=help_text)
+            if m["negative_flags"]:
+                p.add_argument(*m["negative_flags"], dest=f.name, action="store_const", const="0",
+                               help=f"turn off: {m['help']}")
+        else:
+            p.add_argument(*m["flags"], dest=f.name, metavar=f.name.upper(), help=help_text)
+    return p
+
+
+def load_settings(argv: list[str] | None = None, env: Mapping[str, str] | None = None,
+                  config_path: str | Path | None = None, cwd: Path | None = None) -> LoadedSettings:
+    """Defaults < config file < FRAMEPACK_* env < CLI flags. Raises SettingsError on any bad value."""
+    env = os.environ if env is None else env
+    by_name = {f.name: f for f in setting_fields()}
+    args = vars(build_parser(add_help=False).parse_known_args(argv or [])[0]) if argv is not None else {}
+    explicit_config = "config" in args or config_path is not None
+    cfg_path = Path(args.pop("config", None) or config_path or (cwd or Path.cwd()) / "config.yaml")
+
+    values = {name: _default_of(f) for name, f in by_name.items()}
+    sources = {name: Source("default") for name in by_name}
+    warnings: list[str] = []
+
+    for name, (raw, where) in _read_config(cfg_path, by_name, explicit_config).items():
+        values[name] = parse_value(by_name[name], raw, where)
+        sources[name] = Source("config", where)
+
+    env_fields = _by_env()
+    for var, raw in env.items():
+        if not var.startswith("FRAMEPACK_"):
+            continue
+        f = env_fields.get(var)
+        if f is None:
+            # compare what follows the shared prefix, or every name looks alike
+            suffixes = {name[len("FRAMEPACK_"):]: name for name in env_fields}
+            near = difflib.get_close_matches(var[len("FRAMEPACK_"):], list(suffixes), n=1, cutoff=0.7)
+            hint = f"; did you mean {suffixes[near[0]]}?" if near else ""
+            warnings.append(f"unknown environment variable {var}{hint}")
+            continue
+        values[f.name] = parse_value(f, raw, var)
+        sources[f.name] = Source("env", var)
+
+    for name, raw in args.items():
+        f = by_name[name]
+        flag = (f.metadata["flags"] or f.metadata["negative_flags"])[0]
+        values[name] = parse_value(f, raw, flag)
+        sources[name] = Source("cli", flag)
+
+    settings = Settings(**values)
+    loaded = LoadedSettings(settings, sources, warnings)
+    for name, f in by_name.items():
+        m = f.metadata
+        if m["status"] != ACTIVE and loaded.explicitly_set(name) and values[name] != _default_of(f):
+            label = m["env"] or name
+            what = "not available in this version" if m["status"] == PLANNED else "not offered"
+            warnings.append(f"{label}: {what} ({m['note']}); the value {values[name]!r} has no effect")
+    for var in ("PYTORCH_ENABLE_FLASH_SDP", "PYTORCH_ENABLE_MEM_EFFICIENT_SDP"):
+        if var in env:
+            torch_sdp_flag(env, var)  # a bad value stops start-up like any other
+    return loaded
+
+
+def torch_sdp_flag(env: Mapping[str, str], var: str) -> bool | None:
+    """The seeds' PYTORCH_ENABLE_*_SDP switches: None when unset, else the boolean."""
+    if var not in env:
+        return None
+    word = env[var].strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise SettingsError(f"{var}={env[var]!r} is not valid; accepted: 1/0, true/false, yes/no, on/off")
+
+
+def _default_of(f):
+    return f.default_factory() if f.default_factory is not MISSING else f.default
+
+
+def explain(loaded: LoadedSettings, all_settings: bool = False) -> str:
+    """The effective settings and where each came from; by default only the ones not at default."""
+    rows = []
+    for f in setting_fields():
+        src = loaded.sources[f.name]
+        if not all_settings and src.kind == "default":
+            continue
+        value = getattr(loaded.settings, f.name)
+        status = f.metadata["status"]
+        rows.append((f.name, repr(value), str(src), "" if status == ACTIVE else status))
+    if not rows:
+        return "All settings are at their defaults (use --all to list them)."
+    widths = [max(len(r[i]) for r in rows + [("setting", "value", "source", "status")]) for i in range(4)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(("setting", "value", "source", "status"), widths))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def docs_table() -> str:
+    """Markdown for docs/settings.md, generated from the same metadata (a test keeps them in sync)."""
+    out = []
+    group = None
+    for f in setting_fields():
+        m = f.metadata
+        if m["group"] != group:
+            group = m["group"]
+            out += ["", f"## {group}", "", "| variable | flags | type | default | accepted | effect | status |",
+                    "|---|---|---|---|---|---|---|"]
+        flags = " ".join(list(m["flags"]) + list(m["negative_flags"])) or "-"
+        status = m["status"] if m["status"] == ACTIVE else f"{m['status']}: {m['note']}"
+        default = _default_of(f)
+        default = ",".join(default) if isinstance(default, list) else default
+        out.append(f"| `{m['env']}` | {flags} | {_type_name(f)} | `{default!s}` | {accepted(f)} | {m['help']} "
+                   f"| {status} |")
+    return "\n".join(out).strip() + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(prog="python -m diffusers_helper.settings", parents=[build_parser(add_help=False)],
+                                description="Show the effective FramePack settings and where each came from.")
+    p.add_argument("--explain", action="store_true", help="print the effective settings and their sources")
+    p.add_argument("--all", action="store_true", help="with --explain: list settings at their defaults too")
+    p.add_argument("--docs", action="store_true", help="print the settings reference as Markdown")
+    ns, _ = p.parse_known_args(argv)
+    if ns.docs:
+        print(docs_table(), end="")
+        return 0
+    rest = [a for a in argv if a not in ("--explain", "--all", "--docs")]
+    try:
+        loaded = load_settings(rest)
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for w in loaded.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    print(explain(loaded, all_settings=ns.all))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""What every entry point does first: settings, logging, compatibility check, runtime flags.
+
+The log says what was decided, so users can see which optimizations are active.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Mapping
+
+from .compat import SystemInfo, check, report
+from .settings import LoadedSettings, Settings, SettingsError, load_settings, torch_sdp_flag
+
+log = logging.getLogger("framepack.startup")
+
+
+def apply_runtime_flags(settings: Settings, env: Mapping[str, str] | None = None) -> list[str]:
+    """Process-wide PyTorch switches; returns one line per decision for the log."""
+    import torch
+
+    env = os.environ if env is None else env
+    lines = []
+    torch.backends.cuda.matmul.allow_tf32 = settings.tf32
+    torch.backends.cudnn.allow_tf32 = settings.tf32
+    lines.append(f"TF32 matmuls {'on' if settings.tf32 else 'off'}")
+    torch.backends.cudnn.benchmark = settings.cudnn_benchmark
+    lines.append(f"cudnn.benchmark {'on' if settings.cudnn_benchmark else 'off'}")
+    flash = torch_sdp_flag(env, "PYTORCH_ENABLE_FLASH_SDP")
+    if flash is not None:
+        torch.backends.cuda.enable_flash_sdp(flash)
+        lines.append(f"PyTorch SDPA flash kernel {'on' if flash else 'off'} (PYTORCH_ENABLE_FLASH_SDP)")
+    mem = torch_sdp_flag(env, "PYTORCH_ENABLE_MEM_EFFICIENT_SDP")
+    if mem is not None:
+        torch.backends.cuda.enable_mem_efficient_sdp(mem)
+        lines.append(f"PyTorch SDPA memory-efficient kernel {'on' if mem else 'off'} "
+                     "(PYTORCH_ENABLE_MEM_EFFICIENT_SDP)")
+    if env.get("PYTORCH_CUDA_ALLOC_CONF"):
+        lines.append(f"CUDA allocator: {env['PYTORCH_CUDA_ALLOC_CONF']}")
+    return lines
+
+
+def placement_override(settings: Settings) -> str | None:
+    """The placement the settings force, or None to choose from free VRAM."""
+    if settings.placement != "auto":
+        return settings.placement
+    if settings.keep_models_in_gpu:
+        return "full"
+    if settings.use_memory_v2:
+        return "swap"
+    return None
+
+
+def device_arg(settings: Settings) -> str | None:
+    return None if settings.device == "auto" else settings.device
+
+
+def model_name(settings: Settings) -> str:
+    if settings.tiny and not settings.model.startswith("tiny"):
+        return "tiny-f1" if settings.model == "f1" else "tiny"
+    return settings.model
+
+
+def start(argv: list[str] | None = None, *, info: SystemInfo | None = None, sleep=None) -> LoadedSettings:
+    """Load and check settings; on a bad value print one line and exit with code 2."""
+    try:
+        loaded = load_settings(sys.argv[1:] if argv is None else argv)
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    s = loaded.settings
+    logging.basicConfig(level=getattr(logging, s.log_level), format="%(asctime)s %(name)s: %(message)s")
+    for warning in loaded.warnings:
+        log.warning("%s", warning)
+    if loaded.explicitly_set("cache_dir"):
+        os.environ["FRAMEPACK_CACHE_DIR"] = s.cache_dir  # where tiny.py looks
+    if s.offline or s.tiny:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    findings = check(s, info or SystemInfo.detect())
+    kwargs = {} if sleep is None else {"sleep": sleep}
+    report(findings, skip_wait=s.skip_compat_wait, **kwargs)
+    for line in apply_runtime_flags(s):
+        log.info("%s", line)
+    if s.use_teacache:
+        log.info("TeaCache on by default (threshold %.3g)", s.teacache_threshold)
+    override = placement_override(s)
+    if override:
+        log.info("Placement forced to %s by settings", override)
+    return loaded
