@@ -88,7 +88,7 @@ class Settings:
                                    "TeaCache accumulated-change threshold", min=0.0, max=1.0, group="job")
     gpu_memory_preservation: float = _s(6.0, "FRAMEPACK_GPU_MEMORY_PRESERVATION", ["--gpu-memory-preservation"],
                                         "GB of VRAM to keep free while the transformer is loaded", min=0.0,
-                                        max=128.0, group="job")
+                                        max=128.0, group="job", status=PLANNED, note=_V7)
     mp4_crf: int = _s(16, "FRAMEPACK_MP4_CRF", ["--mp4-crf"], "H.264 quality, lower is better", min=0, max=51,
                       group="job")
     resolution: int = _s(0, "FRAMEPACK_RESOLUTION", ["--resolution"],
