@@ -22,7 +22,7 @@ from diffusers_helper.request import GenerationRequest, InputError
 from diffusers_helper.sampling import CancelToken
 from diffusers_helper.service import EngineProvider
 from diffusers_helper.settings import Settings
-from diffusers_helper.startup import device_arg, model_name, placement_override, start
+from diffusers_helper.startup import decode_options, device_arg, model_name, placement_override, start
 
 log = logging.getLogger("framepack.app")
 
@@ -59,7 +59,7 @@ def _eta(elapsed: float, fraction: float) -> str:
 
 
 def run_job(state: AppState, image, prompt, negative_prompt, model_label, seed, seconds, window, steps, cfg, gs,
-            rs, use_teacache, gpu_memory_preservation, crf):
+            rs, use_teacache, gpu_memory_preservation, crf, quality_mode=False):
     """Generator bound to Start: yields (video, preview, status, progress, start, stop) updates."""
     idle = (gr.update(interactive=True), gr.update(interactive=False))
     busy = (gr.update(interactive=False), gr.update(interactive=True))
@@ -70,7 +70,7 @@ def run_job(state: AppState, image, prompt, negative_prompt, model_label, seed, 
             seconds=float(seconds), latent_window_size=int(window), steps=int(steps), cfg=float(cfg),
             gs=float(gs), rs=float(rs), use_teacache=bool(use_teacache),
             gpu_memory_preservation_gb=float(gpu_memory_preservation), mp4_crf=int(crf),
-            teacache_threshold=state.defaults.teacache_threshold,
+            teacache_threshold=state.defaults.teacache_threshold, quality_mode=bool(quality_mode),
             resolution=state.defaults.resolution or None).validate()
     except InputError as exc:
         gr.Warning(str(exc))
@@ -149,6 +149,9 @@ def build_app(state: AppState) -> gr.Blocks:
                 with gr.Group():
                     use_teacache = gr.Checkbox(label="Use TeaCache", value=d.use_teacache,
                                                info="Faster, but can hurt hands and fingers.")
+                    quality = gr.Checkbox(label="Quality Mode", value=d.quality_mode,
+                                          info="Decode each section in one pass where memory allows: no tile "
+                                               "seams, more VRAM.", elem_id="quality-mode")
                     negative_prompt = gr.Textbox(label="Negative prompt", value="", visible=d.cfg > 1.0)
                     with gr.Row():
                         seed = gr.Number(label="Seed", value=d.seed, precision=0, minimum=0, maximum=MAX_SEED)
@@ -179,7 +182,7 @@ def build_app(state: AppState) -> gr.Blocks:
         cfg.change(lambda v: gr.update(visible=v > 1.0), inputs=cfg, outputs=negative_prompt, queue=False)
         randomize.click(lambda: random.randint(0, MAX_SEED), outputs=seed, queue=False)
         inputs = [image, prompt, negative_prompt, model, seed, seconds, window, steps, cfg, gs, rs, use_teacache,
-                  gpu_mem, crf]
+                  gpu_mem, crf, quality]
         start.click(lambda *a: (yield from run_job(state, *a)), inputs=inputs,
                     outputs=[result, preview, status, bar, start, stop], api_name="generate")
         stop.click(lambda: stop_job(state), outputs=status, api_name="stop", queue=False)
@@ -196,7 +199,8 @@ def main(argv=None):
         labels = {"FramePack": "framepack", "FramePack-F1": "f1"}
     labels = dict(sorted(labels.items(), key=lambda kv: kv[1] != model))  # the chosen model first
     provider = EngineProvider(models_dir=s.models_dir or None, offline=True if (s.offline or s.tiny) else None,
-                              device=device_arg(s), outputs_dir=s.output_dir, placement=placement_override(s))
+                              device=device_arg(s), outputs_dir=s.output_dir, placement=placement_override(s),
+                              decode_options=decode_options(s))
     state = AppState(provider=provider, model_labels=labels, defaults=s)
     log.info("Loading %s models before the UI starts", model)
     try:

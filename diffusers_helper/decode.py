@@ -2,16 +2,88 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 
+from .vae_chunked import LayerwiseDecoder, decode_exact, stock_tiling, tiled_decode
+from .vae_plan import DecodeOptions, DecodePlan, plan_decode
+from .vae_trt import TensorRTTileDecoder
 from .video import pixels_to_uint8
+
+log = logging.getLogger("framepack.vae")
 
 
 def vae_decode(latents: torch.Tensor, vae) -> torch.Tensor:
-    """Unscale and decode (B, 16, T, H, W) latents to pixels in [-1, 1] on the CPU."""
+    """The original's decode: unscale, `vae.decode` (diffusers' own temporal tiles), pixels on the CPU."""
     latents = latents / vae.config.scaling_factor
     return vae.decode(latents.to(device=vae.device, dtype=vae.dtype)).sample.cpu()
+
+
+class SectionDecoder:
+    """Decodes each section's newest latents the way the options and free memory allow.
+
+    Backends: "exact" (layer-wise, equal to `vae.decode` within float rounding, small peak memory),
+    "stock" (`vae.decode` itself), "compiled" (stock with a torch.compile'd decoder), "tensorrt" (a
+    TensorRT engine per tile shape, falling back to "exact" on any error).
+    """
+
+    def __init__(self, vae, options: DecodeOptions | None = None):
+        self.vae = vae
+        self.options = options or DecodeOptions()
+        self.last_plan: DecodePlan | None = None
+        self._trt = None
+        self._compiled = False
+        if self.options.backend not in ("exact", "stock", "compiled", "tensorrt"):
+            raise ValueError(f"unknown VAE backend {self.options.backend!r}")
+
+    def _exact_tile(self, budget: int):
+        return LayerwiseDecoder(self.vae, budget, self.options.max_attention_tokens).decode_tile
+
+    def decode(self, latents: torch.Tensor, quality: bool = False) -> torch.Tensor:
+        vae = self.vae
+        z = (latents / vae.config.scaling_factor).to(device=vae.device, dtype=vae.dtype)
+        backend = self.options.backend
+        with torch.no_grad():
+            if backend == "stock":
+                return vae.decode(z).sample.cpu()
+            if backend == "compiled":
+                if not self._compiled:
+                    vae.decoder = torch.compile(vae.decoder, dynamic=False)
+                    self._compiled = True
+                    log.info("torch.compile enabled for the VAE decoder")
+                return vae.decode(z).sample.cpu()
+            _, _, frames, h, w = z.shape
+            scale = self.options.upscale_factor
+            plan = plan_decode(vae, frames, h * scale, w * scale, self.options, quality)
+            if plan != self.last_plan:
+                log.info("VAE decode: %s", plan.reason)
+            self.last_plan = plan
+            if plan.method == "spatial-tiles":
+                return self._spatial_tiles(z)
+            tile_fn = self._exact_tile(plan.chunk_budget_bytes)
+            if backend == "tensorrt" and plan.tile_latents is None:
+                if self._trt is None:
+                    o = self.options
+                    self._trt = TensorRTTileDecoder(vae, tile_fn, cache_dir=o.tensorrt_cache_dir,
+                                                    workspace_mb=o.trt_workspace_mb,
+                                                    aux_streams=o.trt_max_aux_streams,
+                                                    max_cached_shapes=o.trt_max_cached_shapes)
+                self._trt.fallback = tile_fn
+                tile, stride = stock_tiling(vae)
+                return tiled_decode(vae, z, tile, stride, self._trt).cpu()
+            return decode_exact(vae, z, plan.chunk_budget_bytes, plan.tile_latents,
+                                self.options.max_attention_tokens).cpu()
+
+    def _spatial_tiles(self, z: torch.Tensor) -> torch.Tensor:
+        was = self.vae.use_tiling
+        self.vae.enable_tiling()
+        try:
+            return self.vae.decode(z).sample.cpu()
+        finally:
+            if not was:
+                self.vae.disable_tiling()
 
 
 def soft_append(earlier: torch.Tensor, later: torch.Tensor, overlap: int) -> torch.Tensor:

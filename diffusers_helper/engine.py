@@ -22,7 +22,7 @@ import torch
 from . import __version__
 from .buckets import find_nearest_bucket, resize_and_center_crop
 from .conditioning import encode_prompt, image_to_tensor, siglip_embed, vae_encode
-from .decode import VideoAccumulator, vae_decode
+from .decode import SectionDecoder, VideoAccumulator
 from .events import (TERMINAL, Cancelled, Event, Failed, Finished, SectionFinished, Stage,
                      StepProgress)
 from .placement import Placement
@@ -31,6 +31,7 @@ from .request import GenerationRequest, InputError
 from .sampling import CancelToken, Guidance, JobCancelled, StepInfo, draw_noise, sample_section
 from .sections import SectionSchedule, frame_count, section_count
 from .teacache import attach_teacache
+from .vae_plan import DecodeOptions
 from .video import write_json, write_mp4, write_png
 
 log = logging.getLogger("framepack.engine")
@@ -70,12 +71,14 @@ class _JobFiles:
 
 
 class Engine:
-    def __init__(self, bundle, placement: Placement | None = None, outputs_dir: str | Path = "outputs"):
+    def __init__(self, bundle, placement: Placement | None = None, outputs_dir: str | Path = "outputs",
+                 decode_options: DecodeOptions | None = None):
         self.bundle = bundle
         self.spec = bundle.spec
         self.placement = placement or Placement.choose(torch.device("cpu"))
         self.teacache = attach_teacache(bundle.transformer)  # before placement: offload hooks must wrap it
         self.placement.prepare(bundle)
+        self.decoder = SectionDecoder(bundle.vae, decode_options)
         self.outputs_dir = Path(outputs_dir)
         self.dtype = bundle.transformer.dtype
         self._lock = threading.Lock()  # one job at a time per set of models
@@ -220,7 +223,9 @@ class Engine:
                 emit(Stage(f"Decoding section {k + 1}/{sections}"))
                 self.placement.use(b, "vae")
                 to_decode, _whole = schedule.newest_latents(k)
-                video.add(vae_decode(to_decode, b.vae))
+                video.add(self.decoder.decode(to_decode, quality=request.quality_mode))
+                record["decode"] = self.decoder.last_plan.reason if self.decoder.last_plan else \
+                    self.decoder.options.backend
                 path = files.write_video(video.to_uint8(), request.mp4_crf)
                 record["frames"] = video.frames
                 emit(SectionFinished(k + 1, sections, path, video.frames, time.perf_counter() - t0, note))

@@ -50,6 +50,8 @@ def build_parser(defaults=None) -> argparse.ArgumentParser:
     p.add_argument("--no-teacache", dest="teacache", action="store_false", default=d.use_teacache,
                    help="compute every step (best quality)")
     p.add_argument("--teacache-threshold", type=float, default=d.teacache_threshold)
+    p.add_argument("--quality-mode", action="store_true", default=s.quality_mode,
+                   help="decode each section in as few temporal tiles as memory allows (fewer seams)")
     p.add_argument("--crf", type=int, default=d.mp4_crf, help="MP4 quality, 0-51, lower is better")
     p.add_argument("--resolution", type=int, default=d.resolution, help="bucket resolution (default: the model's)")
     p.add_argument("--output", default=s.output_dir, help="output folder")
@@ -68,7 +70,7 @@ def request_from_args(args) -> GenerationRequest:
         prompt=args.prompt, image=load_image(args.image), negative_prompt=args.negative_prompt, seed=args.seed,
         seconds=args.seconds, latent_window_size=args.window, steps=args.steps, cfg=args.cfg, gs=args.gs,
         rs=args.rs, use_teacache=args.teacache, teacache_threshold=args.teacache_threshold,
-        mp4_crf=args.crf, resolution=args.resolution,
+        mp4_crf=args.crf, resolution=args.resolution, quality_mode=args.quality_mode,
     ).validate()
 
 
@@ -107,12 +109,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
-    from .startup import apply_runtime_flags, placement_override
+    from .startup import apply_runtime_flags, decode_options, placement_override
 
     for line in apply_runtime_flags(loaded.settings):
         logging.getLogger("framepack.startup").info(line)
     placement = Placement.choose(pick_device(args.device), placement_override(loaded.settings))
-    engine = Engine(bundle, placement, outputs_dir=args.output)
+    engine = Engine(bundle, placement, outputs_dir=args.output, decode_options=decode_options(loaded.settings))
     cancel = CancelToken()
     signal.signal(signal.SIGINT, lambda *_: cancel.cancel())
     bar = None

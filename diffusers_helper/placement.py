@@ -80,8 +80,6 @@ class Placement:
                 apply_group_offloading(model, self.device, offload_type="block_level", num_blocks_per_group=1,
                                        use_stream=True)
             log.info("Streaming %s block by block to %s", name, self.device)
-        if hasattr(bundle.vae, "enable_tiling"):
-            bundle.vae.enable_tiling()
 
     def use(self, bundle, *names: str) -> None:
         """Make the named models ready on the device; under "swap" move the others off first."""

@@ -72,6 +72,7 @@ class GenerationRequest:
     teacache_threshold: float = 0.15
     gpu_memory_preservation_gb: float = 6.0
     mp4_crf: int = 16
+    quality_mode: bool = False  # decode each section in as few temporal tiles as memory allows
     resolution: int | None = None  # None: the model's default (640 for the real models)
 
     def validate(self) -> "GenerationRequest":

@@ -95,7 +95,8 @@ class Settings:
                          "bucket resolution (0: the model's own, 640 for the real models)", min=0, max=2048,
                          group="job")
     quality_mode: bool = _s(False, "FRAMEPACK_QUALITY_MODE", ["--quality-mode"],
-                            "fewer, larger VAE decode chunks (fewer seams)", group="job", status=PLANNED, note=_V5)
+                            "decode each section in as few temporal tiles as memory allows (fewer seams)",
+                            group="job")
     mixed_precision: bool = _s(True, "FRAMEPACK_MIXED_PRECISION", ["--mixed-precision"],
                                "bf16/fp16 compute; off computes the transformer in float32", group="job",
                                negative_flags=["--no-mixed-precision"], status=PLANNED, note=_V7)
@@ -116,10 +117,11 @@ class Settings:
                              "stream the transformer with pinned memory and prefetch (the swap policy)",
                              group="memory")
     chunk_size_multiplier: float = _s(1.0, "FRAMEPACK_CHUNK_SIZE_MULTIPLIER", ["--chunk-size-multiplier"],
-                                      "scales auto-sized chunks", min=0.5, max=3.0, group="memory",
-                                      status=PLANNED, note=_V5)
-    max_chunk_size: int = _s(2048, "FRAMEPACK_MAX_CHUNK_SIZE", ["--max-chunk-size"], "upper bound for chunks",
-                             min=1024, max=8192, group="memory", status=PLANNED, note=_V5)
+                                      "scales the auto-sized VAE decode chunks (larger: faster, more VRAM)",
+                                      min=0.5, max=3.0, group="memory")
+    max_chunk_size: int = _s(2048, "FRAMEPACK_MAX_CHUNK_SIZE", ["--max-chunk-size"],
+                             "most query tokens per attention call in the VAE's mid block", min=1024, max=8192,
+                             group="memory")
     cpu_offload_threshold_gb: float = _s(6.0, "FRAMEPACK_CPU_OFFLOAD_THRESHOLD", ["--cpu-offload-threshold"],
                                          "offload to CPU only when GPU memory in use exceeds this (GB)", min=0.0,
                                          max=128.0, group="memory", status=PLANNED, note=_V7)
@@ -235,27 +237,31 @@ class Settings:
                                 note=_V6)
 
     # -- VAE decode ---------------------------------------------------------------------------------------------
+    vae_backend: str = _s("exact", "FRAMEPACK_VAE_BACKEND", ["--vae-backend"],
+                          "exact: layer-wise, equal to the stock decode in less memory; stock: vae.decode; "
+                          "compiled: stock with torch.compile; tensorrt: TensorRT with fallback to exact",
+                          choices=("exact", "stock", "compiled", "tensorrt"), group="vae")
     vae_chunk_size: int = _s(0, "FRAMEPACK_VAE_CHUNK_SIZE", ["--vae-chunk-size"],
                              "latent frames per decode chunk (0: sized from free VRAM)", min=0, max=64,
-                             group="vae", status=PLANNED, note=_V5)
+                             group="vae")
     vae_chunk_reserve_gb: float = _s(2.0, "FRAMEPACK_VAE_CHUNK_RESERVE_GB", [], "VRAM kept free when sizing chunks",
-                                     min=0.0, max=128.0, group="vae", status=PLANNED, note=_V5)
+                                     min=0.0, max=128.0, group="vae")
     vae_chunk_safety: float = _s(1.2, "FRAMEPACK_VAE_CHUNK_SAFETY", [], "multiplier on the estimated chunk memory",
-                                 min=1.0, max=4.0, group="vae", status=PLANNED, note=_V5)
-    vae_upscale_factor: int = _s(8, "FRAMEPACK_VAE_UPSCALE_FACTOR", [], "VAE spatial upscale (pixels per latent)",
-                                 choices=(8,), group="vae", status=PLANNED, note=_V5)
+                                 min=1.0, max=4.0, group="vae")
+    vae_upscale_factor: int = _s(8, "FRAMEPACK_VAE_UPSCALE_FACTOR", [], "pixels per latent in the decode memory estimate (the VAE's 8x)",
+                                 choices=(8,), group="vae")
 
     # -- TensorRT / ONNX ----------------------------------------------------------------------------------------
     enable_tensorrt: bool = _s(False, "FRAMEPACK_ENABLE_TENSORRT", ["--enable-tensorrt"],
-                               "TensorRT VAE decoder with fallback", group="tensorrt", status=PLANNED, note=_V5)
+                               "TensorRT VAE decoder with fallback", group="tensorrt")
     tensorrt_cache_dir: str = _s("cache/trt_cache", "FRAMEPACK_TENSORRT_CACHE_DIR", [], "engine cache",
-                                 group="tensorrt", kind="path", status=PLANNED, note=_V5)
+                                 group="tensorrt", kind="path")
     trt_workspace_mb: int = _s(4096, "FRAMEPACK_TRT_WORKSPACE_MB", [], "builder workspace", min=256, max=1 << 20,
-                               group="tensorrt", status=PLANNED, note=_V5)
+                               group="tensorrt")
     trt_max_aux_streams: int = _s(2, "FRAMEPACK_TRT_MAX_AUX_STREAMS", [], "auxiliary streams", min=0, max=16,
-                                  group="tensorrt", status=PLANNED, note=_V5)
+                                  group="tensorrt")
     trt_max_cached_shapes: int = _s(8, "FRAMEPACK_TRT_MAX_CACHED_SHAPES", [], "engines kept per shape cache",
-                                    min=1, max=256, group="tensorrt", status=PLANNED, note=_V5)
+                                    min=1, max=256, group="tensorrt")
     trt_transformer: bool = _s(False, "FRAMEPACK_TRT_TRANSFORMER", [], "TensorRT transformer", group="tensorrt",
                                status=UNSUPPORTED, note="the 13B transformer with its history inputs does not "
                                "export to a static TensorRT engine; torch.compile and FP8 are the transformer path")
@@ -553,6 +559,9 @@ def explain(loaded: LoadedSettings, all_settings: bool = False) -> str:
     return "\n".join(lines)
 
 
+DOCS_START, DOCS_END = "<!-- settings-table:start -->\n", "<!-- settings-table:end -->"
+
+
 def docs_table() -> str:
     """Markdown for docs/settings.md, generated from the same metadata (a test keeps them in sync)."""
     out = []
@@ -579,9 +588,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--explain", action="store_true", help="print the effective settings and their sources")
     p.add_argument("--all", action="store_true", help="with --explain: list settings at their defaults too")
     p.add_argument("--docs", action="store_true", help="print the settings reference as Markdown")
+    p.add_argument("--write-docs", metavar="PATH", help="replace the reference table in PATH (docs/settings.md)")
     ns, _ = p.parse_known_args(argv)
     if ns.docs:
         print(docs_table(), end="")
+        return 0
+    if ns.write_docs:
+        path = Path(ns.write_docs)
+        head, rest_text = path.read_text().split(DOCS_START, 1)
+        tail = rest_text.split(DOCS_END, 1)[1]
+        path.write_text(f"{head}{DOCS_START}{docs_table()}{DOCS_END}{tail}")
         return 0
     rest = [a for a in argv if a not in ("--explain", "--all", "--docs")]
     try:

@@ -52,6 +52,19 @@ def placement_override(settings: Settings) -> str | None:
     return None
 
 
+def decode_options(settings: Settings):
+    from .vae_plan import DecodeOptions
+
+    backend = "tensorrt" if settings.enable_tensorrt else settings.vae_backend
+    return DecodeOptions(chunk_size=settings.vae_chunk_size, reserve_gb=settings.vae_chunk_reserve_gb,
+                         safety=settings.vae_chunk_safety, backend=backend,
+                         chunk_multiplier=settings.chunk_size_multiplier, upscale_factor=settings.vae_upscale_factor,
+                         max_attention_tokens=settings.max_chunk_size,
+                         tensorrt_cache_dir=settings.tensorrt_cache_dir, trt_workspace_mb=settings.trt_workspace_mb,
+                         trt_max_aux_streams=settings.trt_max_aux_streams,
+                         trt_max_cached_shapes=settings.trt_max_cached_shapes)
+
+
 def device_arg(settings: Settings) -> str | None:
     return None if settings.device == "auto" else settings.device
 
