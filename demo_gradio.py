@@ -200,7 +200,7 @@ def main(argv=None):
     labels = dict(sorted(labels.items(), key=lambda kv: kv[1] != model))  # the chosen model first
     provider = EngineProvider(models_dir=s.models_dir or None, offline=True if (s.offline or s.tiny) else None,
                               device=device_arg(s), outputs_dir=s.output_dir, placement=placement_override(s),
-                              decode_options=decode_options(s))
+                              decode_options=decode_options(s), async_decode=s.async_decode)
     state = AppState(provider=provider, model_labels=labels, defaults=s)
     log.info("Loading %s models before the UI starts", model)
     try:

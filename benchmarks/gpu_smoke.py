@@ -78,11 +78,28 @@ def main():
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--swap-steps", type=int, default=4)
     ap.add_argument("--skip-full", action="store_true", help="skip the full-placement runs")
+    ap.add_argument("--overlap-only", action="store_true",
+                    help="only the 3-section full-placement job, decode inline vs on a side stream")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
     out_dir = Path("/tmp/gpu_smoke_outputs")
     dev = torch.device("cuda")
+
+    if args.overlap_only:
+        from diffusers_helper.fullsize import build_bundle
+
+        bundle = build_bundle("framepack", "cuda")
+        req = dict(prompt="a woman dances", image=image(640, 640), seconds=3.6, latent_window_size=9,
+                   steps=args.steps, use_teacache=True)
+        for mode in ("off", "on", "off", "on"):
+            engine = Engine(bundle, Placement(dev, "full"), outputs_dir=out_dir, async_decode=mode)
+            key = f"3_sections_teacache_async_{mode}"
+            r = run(engine, GenerationRequest(**req), out_dir)
+            results.setdefault(key, []).append(r)
+            print(key, r, flush=True)
+        Path(args.out).write_text(json.dumps(results, indent=2))
+        return
 
     tiny = load_models(tiny_spec("tiny", ensure_tiny_models()))
     for policy in ("full", "swap"):

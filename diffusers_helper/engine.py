@@ -23,6 +23,7 @@ from . import __version__
 from .buckets import find_nearest_bucket, resize_and_center_crop
 from .conditioning import encode_prompt, image_to_tensor, siglip_embed, vae_encode
 from .decode import SectionDecoder, VideoAccumulator
+from .finisher import SectionFinisher
 from .events import (TERMINAL, Cancelled, Event, Failed, Finished, SectionFinished, Stage,
                      StepProgress)
 from .placement import Placement
@@ -72,16 +73,35 @@ class _JobFiles:
 
 class Engine:
     def __init__(self, bundle, placement: Placement | None = None, outputs_dir: str | Path = "outputs",
-                 decode_options: DecodeOptions | None = None):
+                 decode_options: DecodeOptions | None = None, async_decode: str = "auto"):
         self.bundle = bundle
         self.spec = bundle.spec
         self.placement = placement or Placement.choose(torch.device("cpu"))
         self.teacache = attach_teacache(bundle.transformer)  # before placement: offload hooks must wrap it
         self.placement.prepare(bundle)
         self.decoder = SectionDecoder(bundle.vae, decode_options)
+        self.background_decode = self._choose_background_decode(async_decode)
         self.outputs_dir = Path(outputs_dir)
         self.dtype = bundle.transformer.dtype
         self._lock = threading.Lock()  # one job at a time per set of models
+
+    def _choose_background_decode(self, mode: str) -> bool:
+        """Decode section k while k+1 samples: on a second GPU if there is one, else on a side stream."""
+        if mode not in ("auto", "on", "off"):
+            raise ValueError(f"async decode must be auto, on or off, got {mode!r}")
+        device = self.placement.compute_device()
+        full = self.placement.policy == "full"
+        if mode == "off" or (mode == "auto" and not (device.type == "cuda" and full)):
+            log.info("Decoding each section before sampling the next (async decode %s)", mode)
+            return False
+        if device.type == "cuda" and full and torch.cuda.device_count() > 1:
+            other = torch.device("cuda", (device.index or 0) + 1)
+            self.bundle.vae.to(other)
+            log.info("Decoding on %s while %s samples the next section", other, device)
+        else:
+            log.info("Decoding each section on a worker thread while the next one samples (%s)",
+                     "side CUDA stream" if device.type == "cuda" else "CPU")
+        return True
 
     @property
     def device(self) -> torch.device:
@@ -198,6 +218,11 @@ class Engine:
         teacache.configure(request.use_teacache, request.teacache_threshold)
         if request.use_teacache:
             log.info("TeaCache on (threshold %.3g)", request.teacache_threshold)
+        finisher = SectionFinisher(
+            decode=lambda latents: self.decoder.decode(latents, quality=request.quality_mode), video=video,
+            write=lambda frames: files.write_video(frames, request.mp4_crf), emit=emit,
+            on_frames=lambda n: record.__setitem__("frames", n), t0=t0, background=self.background_decode,
+            device=b.vae.device)
         try:
             for k in range(sections):
                 emit(Stage(f"Sampling section {k + 1}/{sections}"))
@@ -219,19 +244,23 @@ class Engine:
                 if request.use_teacache:
                     note = f"TeaCache: {teacache.stats['computed']}/{request.steps} steps computed"
                     log.info("Section %d/%d: %s", k + 1, sections, note)
-
-                emit(Stage(f"Decoding section {k + 1}/{sections}"))
-                self.placement.use(b, "vae")
-                to_decode, _whole = schedule.newest_latents(k)
-                video.add(self.decoder.decode(to_decode, quality=request.quality_mode))
-                record["decode"] = self.decoder.last_plan.reason if self.decoder.last_plan else \
-                    self.decoder.options.backend
-                path = files.write_video(video.to_uint8(), request.mp4_crf)
-                record["frames"] = video.frames
-                emit(SectionFinished(k + 1, sections, path, video.frames, time.perf_counter() - t0, note))
+                if not self.background_decode:
+                    emit(Stage(f"Decoding section {k + 1}/{sections}"))
+                    self.placement.use(b, "vae")
+                finisher.submit(k, sections, schedule.newest_latents(k)[0], note)
                 cancel.raise_if_cancelled()
+            finisher.drain()
+        except BaseException:
+            try:
+                finisher.drain()  # sections that finished sampling are still decoded and kept
+            except Exception:  # noqa: BLE001 - the first error is the one to report
+                log.exception("Finishing the sampled sections failed")
+            raise
         finally:
             teacache.configure(False)
+        if self.decoder.last_plan is not None:
+            record["decode"] = self.decoder.last_plan.reason
+        record["decode_busy_s"] = round(finisher.busy_s, 3)
         return files.video
 
 

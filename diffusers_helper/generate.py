@@ -114,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     for line in apply_runtime_flags(loaded.settings):
         logging.getLogger("framepack.startup").info(line)
     placement = Placement.choose(pick_device(args.device), placement_override(loaded.settings))
-    engine = Engine(bundle, placement, outputs_dir=args.output, decode_options=decode_options(loaded.settings))
+    engine = Engine(bundle, placement, outputs_dir=args.output, decode_options=decode_options(loaded.settings),
+                    async_decode=loaded.settings.async_decode)
     cancel = CancelToken()
     signal.signal(signal.SIGINT, lambda *_: cancel.cancel())
     bar = None

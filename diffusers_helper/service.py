@@ -22,13 +22,15 @@ log = logging.getLogger("framepack.service")
 
 class EngineProvider:
     def __init__(self, *, models_dir: str | None = None, offline: bool | None = None, device: str | None = None,
-                 outputs_dir: str | Path = "outputs", placement: str | None = None, decode_options=None):
+                 outputs_dir: str | Path = "outputs", placement: str | None = None, decode_options=None,
+                 async_decode: str = "auto"):
         self.models_dir = models_dir
         self.offline = offline
         self.device = pick_device(device)
         self.outputs_dir = Path(outputs_dir)
         self.placement_override = placement
         self.decode_options = decode_options
+        self.async_decode = async_decode
         self._engine: Engine | None = None
         self._lock = threading.Lock()
 
@@ -57,5 +59,5 @@ class EngineProvider:
             bundle = ModelBundle(spec=spec, **keep, **{n: getattr(fresh, n) for n in missing})
             placement = Placement.choose(self.device, self.placement_override)
             self._engine = Engine(bundle, placement, outputs_dir=self.outputs_dir,
-                                  decode_options=self.decode_options)
+                                  decode_options=self.decode_options, async_decode=self.async_decode)
             return self._engine

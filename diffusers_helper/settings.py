@@ -237,6 +237,10 @@ class Settings:
                                 note=_V6)
 
     # -- VAE decode ---------------------------------------------------------------------------------------------
+    async_decode: str = _s("auto", "FRAMEPACK_ASYNC_DECODE", ["--async-decode"],
+                           "decode a section while the next one samples (auto: on a GPU with every model "
+                           "resident; a second GPU is used when present)", choices=("auto", "on", "off"),
+                           group="vae")
     vae_backend: str = _s("exact", "FRAMEPACK_VAE_BACKEND", ["--vae-backend"],
                           "exact: layer-wise, equal to the stock decode in less memory; stock: vae.decode; "
                           "compiled: stock with torch.compile; tensorrt: TensorRT with fallback to exact",

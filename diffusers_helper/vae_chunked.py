@@ -7,9 +7,9 @@ activations at full resolution, several alive at once.
 
 This module decodes the same tiles with the same modules and weights, but layer by layer: each
 GroupNorm's statistics are gathered over the whole tile first, then norm -> SiLU -> causal conv runs
-over short time chunks, carrying the last frames each causal conv needs into the next chunk. The
-math is the stock decoder's, so the output matches `vae.decode` to float rounding, while at most two
-full-resolution activations (plus one chunk of temporaries) are alive. The one 256-channel
+over bands of rows (all frames, one row of halo), written into preallocated outputs. The math is the
+stock decoder's, so the output matches `vae.decode` to float rounding, while at most two
+full-resolution activations (plus one band of temporaries) are alive. The one 256-channel
 full-resolution tensor (the last upsampler's output) is never stored: it is recomputed per pass.
 
 Quality Mode decodes with temporal tiles as long as memory allows (the whole section when it fits),
@@ -19,24 +19,23 @@ which removes the tile seams the stock decode blends over.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 log = logging.getLogger("framepack.vae")
 
-Chunks = Callable[[], Iterator[torch.Tensor]]  # a fresh, time-ordered pass over a tensor's frame chunks
+Rows = Callable[[int, int], torch.Tensor]  # rows [r0, r1) of a (B, C, T, H, W) tensor, all frames
 
 
 @dataclass
-class Stream:
-    """A (B, C, T, H, W) tensor known by shape, produced chunk by chunk on demand."""
+class Source:
+    """A tile activation known by shape; rows come from storage or are recomputed on demand."""
 
     shape: tuple[int, int, int, int, int]
-    chunks: Chunks
+    rows: Rows
     stored: torch.Tensor | None = None
 
     @property
@@ -44,25 +43,12 @@ class Stream:
         return self.shape[1]
 
     @classmethod
-    def of(cls, tensor: torch.Tensor, chunk: int) -> "Stream":
-        def chunks():
-            for t in range(0, tensor.shape[2], chunk):
-                yield tensor[:, :, t: t + chunk]
-
-        return cls(tuple(tensor.shape), chunks, tensor)
-
-    def materialize(self) -> torch.Tensor:
-        if self.stored is not None:
-            return self.stored
-        parts = list(self.chunks())
-        return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
-
-
-# -- per-chunk building blocks ------------------------------------------------------------------------
+    def of(cls, tensor: torch.Tensor) -> "Source":
+        return cls(tuple(tensor.shape), lambda r0, r1: tensor[:, :, :, r0:r1], tensor)
 
 
 class _GroupStats:
-    """Mean and variance per (batch, group) over a whole tile, merged chunk by chunk (Chan et al.)."""
+    """Mean and variance per (batch, group) over a whole tile, merged band by band (Chan et al.)."""
 
     def __init__(self, groups: int):
         self.groups = groups
@@ -71,11 +57,12 @@ class _GroupStats:
         self.m2 = None
 
     def add(self, x: torch.Tensor) -> None:
-        b = x.shape[0]
-        g = x.float().reshape(b, self.groups, -1)
+        g = x.reshape(x.shape[0], self.groups, -1)
         n = g.shape[-1]
-        mean = g.mean(-1, dtype=torch.float64)
-        m2 = ((g.double() - mean[..., None]) ** 2).sum(-1)
+        # fp32 accumulation without an fp32 copy of the band
+        mean = g.mean(-1, dtype=torch.float32).double()
+        sumsq = torch.linalg.vector_norm(g, dim=-1, dtype=torch.float32).double() ** 2
+        m2 = (sumsq - n * mean ** 2).clamp_min(0)
         if self.mean is None:
             self.n, self.mean, self.m2 = n, mean, m2
             return
@@ -87,56 +74,44 @@ class _GroupStats:
 
     def scale_shift(self, norm: torch.nn.GroupNorm, channels: int):
         """Per-channel a, b with norm(x) = a * x + b, in float32."""
-        var = self.m2 / self.n
-        rstd = torch.rsqrt(var + norm.eps)  # (B, G)
+        rstd = torch.rsqrt(self.m2 / self.n + norm.eps)
         rep = channels // self.groups
-        rstd_c = rstd.repeat_interleave(rep, dim=1).float()
-        mean_c = self.mean.repeat_interleave(rep, dim=1).float()
-        w = norm.weight.float()[None] if norm.weight is not None else 1.0
-        bias = norm.bias.float()[None] if norm.bias is not None else 0.0
-        a = rstd_c * w
-        b = bias - mean_c * a
+        a = rstd.repeat_interleave(rep, dim=1).float()
+        mean = self.mean.repeat_interleave(rep, dim=1).float()
+        if norm.weight is not None:
+            a = a * norm.weight.float()[None]
+        b = -mean * a
+        if norm.bias is not None:
+            b = b + norm.bias.float()[None]
         return a[..., None, None, None], b[..., None, None, None]
 
 
 def _norm_silu(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return F.silu((x.float() * a + b).to(x.dtype))
+    y = x.to(torch.float32, copy=True)  # never normalise the stored source in place
+    y.mul_(a).add_(b)
+    return F.silu(y, inplace=True).to(x.dtype)
 
 
-class _CausalConvState:
-    """Runs a diffusers HunyuanVideoCausalConv3d over successive chunks, carrying its time context."""
-
-    def __init__(self, causal_conv):
-        self.conv = causal_conv.conv
-        pad = causal_conv.time_causal_padding  # (w, w, h, h, t_front, 0)
-        self.spatial = pad[:4]
-        self.mode = causal_conv.pad_mode
-        self.context = pad[4]
-        self.tail: torch.Tensor | None = None
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.context:
-            if self.tail is None:  # first chunk: the causal padding repeats the first frame
-                head = x[:, :, :1].expand(-1, -1, self.context, -1, -1)
-            else:
-                head = self.tail
-            x_full = torch.cat([head, x], dim=2)
-            self.tail = x_full[:, :, -self.context:]
-        else:
-            x_full = x
-        x_full = F.pad(x_full, self.spatial + (0, 0), mode=self.mode) if any(self.spatial) else x_full
-        return self.conv(x_full)
+def _conv_band(causal_conv, x: torch.Tensor, top: int, bottom: int) -> torch.Tensor:
+    """A HunyuanVideoCausalConv3d on a band of rows: causal time padding and replicate borders as the
+    module pads the whole frame, but rows inside the frame come from the neighbouring bands."""
+    w_l, w_r, _, _, t_front, t_back = causal_conv.time_causal_padding
+    pad = (w_l, w_r, top, bottom, t_front, t_back)
+    if any(pad):
+        x = F.pad(x, pad, mode=causal_conv.pad_mode)
+    return causal_conv.conv(x)
 
 
-def _upsample_chunk(x: torch.Tensor, factor, first: bool) -> torch.Tensor:
+def _halo(causal_conv) -> int:
+    return causal_conv.time_causal_padding[2]
+
+
+def _upsample_rows(x: torch.Tensor, factor) -> torch.Tensor:
     """Nearest upsampling as HunyuanVideoUpsampleCausal3D does it: the tile's first frame is not
     repeated in time, every later frame is (when the factor asks for time upsampling)."""
     ft, fh, fw = (int(f) for f in factor)
     if ft > 1:
-        if first:
-            x = torch.cat([x[:, :, :1], x[:, :, 1:].repeat_interleave(ft, dim=2)], dim=2)
-        else:
-            x = x.repeat_interleave(ft, dim=2)
+        x = torch.cat([x[:, :, :1], x[:, :, 1:].repeat_interleave(ft, dim=2)], dim=2)
     if fh > 1:
         x = x.repeat_interleave(fh, dim=3)
     if fw > 1:
@@ -156,69 +131,69 @@ class LayerwiseDecoder:
         self.budget = chunk_budget_bytes
         self.max_attention_tokens = max_attention_tokens
 
-    def _chunk(self, channels: int, h: int, w: int, dtype) -> int:
-        """Frames per chunk so one chunk's temporaries (about 4 copies) stay within the budget."""
-        per_frame = 4 * channels * h * w * torch.finfo(dtype).bits // 8
-        return max(1, int(self.budget // max(per_frame, 1)))
+    def _band(self, shape, dtype) -> int:
+        """Rows per band so one band's temporaries (about 6 copies, some in fp32) stay within budget."""
+        _, c, t, _, w = shape
+        per_row = 6 * c * t * w * torch.finfo(dtype).bits // 8
+        return max(1, int(self.budget // max(per_row, 1)))
 
-    def _stream(self, x: torch.Tensor) -> Stream:
-        return Stream.of(x, self._chunk(x.shape[1], x.shape[3], x.shape[4], x.dtype))
+    def _bands(self, shape, dtype):
+        step = self._band(shape, dtype)
+        for r0 in range(0, shape[3], step):
+            yield r0, min(shape[3], r0 + step)
 
-    def _norm_stats(self, src: Stream, norm, extra: Callable[[torch.Tensor], None] | None = None):
+    def _stats(self, src: Source, norm, dtype, extra: Callable[[int, int, torch.Tensor], None] | None = None):
         stats = _GroupStats(norm.num_groups)
-        for chunk in src.chunks():
-            stats.add(chunk)
+        for r0, r1 in self._bands(src.shape, dtype):
+            band = src.rows(r0, r1)
+            stats.add(band)
             if extra is not None:
-                extra(chunk)
+                extra(r0, r1, band)
         return stats.scale_shift(norm, src.channels)
 
-    def _norm_conv(self, src: Stream, norm, conv, ab, out_channels: int) -> Stream:
+    def _norm_conv_into(self, src: Source, ab, conv, out: torch.Tensor, add: bool = False) -> None:
+        """out[rows] (+)= conv(silu(norm(src))) band by band."""
         a, b = ab
+        halo = _halo(conv)
+        height = src.shape[3]
+        for r0, r1 in self._bands(src.shape, out.dtype):
+            lo, hi = max(0, r0 - halo), min(height, r1 + halo)
+            y = _conv_band(conv, _norm_silu(src.rows(lo, hi), a, b), halo - (r0 - lo), halo - (hi - r1))
+            if add:
+                out[:, :, :, r0:r1] += y
+            else:
+                out[:, :, :, r0:r1] = y
 
-        def chunks():
-            state = _CausalConvState(conv)
-            for chunk in src.chunks():
-                yield state(_norm_silu(chunk, a, b))
-
-        bsz, _, t, h, w = src.shape
-        return Stream((bsz, out_channels, t, h, w), chunks)
-
-    def _resnet(self, x: Stream | torch.Tensor, resnet) -> torch.Tensor:
-        """x may be virtual (recomputed per pass); returns the stored output."""
+    def _resnet(self, x: Source | torch.Tensor, resnet) -> torch.Tensor:
+        """x may be recomputed per pass (the upsampler output); returns the stored output."""
         if isinstance(x, torch.Tensor):
-            x = self._stream(x)
+            x = Source.of(x)
         b, _, t, h, w = x.shape
         out_c = resnet.conv1.conv.out_channels
-        dtype = next(resnet.parameters()).dtype
-        device = next(resnet.parameters()).device
-        residual = None
-        if resnet.conv_shortcut is not None:
-            residual = torch.empty((b, out_c, t, h, w), dtype=dtype, device=device)
-            shortcut = _CausalConvState(resnet.conv_shortcut)
-            pos = [0]
+        p = next(resnet.parameters())
+        if resnet.conv_shortcut is not None or x.stored is None:
+            # the residual is written while the statistics pass reads the input anyway
+            residual = torch.empty((b, out_c, t, h, w), dtype=p.dtype, device=p.device)
+            shortcut = resnet.conv_shortcut
 
-            def keep_shortcut(chunk):
-                n = chunk.shape[2]
-                residual[:, :, pos[0]: pos[0] + n] = shortcut(chunk)
-                pos[0] += n
+            def keep_residual(r0, r1, band):
+                residual[:, :, :, r0:r1] = band if shortcut is None else _conv_band(shortcut, band, 0, 0)
 
-            ab1 = self._norm_stats(x, resnet.norm1, keep_shortcut)
+            ab1 = self._stats(x, resnet.norm1, p.dtype, keep_residual)
         else:
-            ab1 = self._norm_stats(x, resnet.norm1)
-            residual = x.materialize()
-        h1 = self._norm_conv(x, resnet.norm1, resnet.conv1, ab1, out_c).materialize()
-        h1_stream = self._stream(h1)
-        ab2 = self._norm_stats(h1_stream, resnet.norm2)
-        pos = 0
-        for chunk in self._norm_conv(h1_stream, resnet.norm2, resnet.conv2, ab2, out_c).chunks():
-            n = chunk.shape[2]
-            residual[:, :, pos: pos + n] += chunk  # written in place: the residual frames are not read again
-            pos += n
-        del h1
+            ab1 = self._stats(x, resnet.norm1, p.dtype)
+            residual = x.stored
+        h1 = torch.empty((b, out_c, t, h, w), dtype=p.dtype, device=p.device)
+        self._norm_conv_into(x, ab1, resnet.conv1, h1)
+        h1_src = Source.of(h1)
+        ab2 = self._stats(h1_src, resnet.norm2, p.dtype)
+        # in place: each residual row band is read only for its own output band
+        self._norm_conv_into(h1_src, ab2, resnet.conv2, residual, add=True)
         return residual
 
     def _attention(self, x: torch.Tensor, attn) -> torch.Tensor:
-        """The mid block's causal frame attention, one query frame at a time (no N x N mask)."""
+        """The mid block's causal frame attention, query chunks of at most max_attention_tokens
+        (no N x N mask)."""
         b, c, t, h, w = x.shape
         tokens = x.permute(0, 2, 3, 4, 1).reshape(b, t * h * w, c)
         normed = attn.group_norm(tokens.transpose(1, 2)).transpose(1, 2) if attn.group_norm is not None else tokens
@@ -245,30 +220,27 @@ class LayerwiseDecoder:
         out = out / attn.rescale_output_factor
         return out.reshape(b, t, h, w, c).permute(0, 4, 1, 2, 3)
 
-    def _upsample(self, x: torch.Tensor, up) -> Stream:
-        """Virtual upsampler output: recomputed each time it is read, never stored."""
-        factor = up.upsample_factor
-        ft, fh, fw = (int(f) for f in factor)
+    def _upsample(self, x: torch.Tensor, up) -> Source:
+        """The upsampler's output as rows recomputed on demand: the largest activation, never stored."""
+        ft, fh, fw = (int(f) for f in up.upsample_factor)
         b, _, t, h, w = x.shape
-        src = self._stream(x)
-        out_c = up.conv.conv.out_channels
+        out_h = h * fh
+        halo = _halo(up.conv)
 
-        def chunks():
-            state = _CausalConvState(up.conv)
-            for i, chunk in enumerate(src.chunks()):
-                upsampled = _upsample_chunk(chunk, factor, first=i == 0)
-                # keep chunks of the upsampled size within budget
-                step = self._chunk(upsampled.shape[1], upsampled.shape[3], upsampled.shape[4], upsampled.dtype)
-                for t0 in range(0, upsampled.shape[2], step):
-                    yield state(upsampled[:, :, t0: t0 + step])
+        def rows(r0: int, r1: int) -> torch.Tensor:
+            lo, hi = max(0, r0 - halo), min(out_h, r1 + halo)  # upsampled rows the conv reads
+            src = x[:, :, :, lo // fh: (hi - 1) // fh + 1]
+            upsampled = _upsample_rows(src, up.upsample_factor)[:, :, :, lo - (lo // fh) * fh:]
+            upsampled = upsampled[:, :, :, : hi - lo]
+            return _conv_band(up.conv, upsampled, halo - (r0 - lo), halo - (hi - r1))
 
-        return Stream((b, out_c, 1 + (t - 1) * ft, h * fh, w * fw), chunks)
+        return Source((b, up.conv.conv.out_channels, 1 + (t - 1) * ft, out_h, w * fw), rows)
 
     @torch.no_grad()
     def decode_tile(self, z: torch.Tensor) -> torch.Tensor:
         dec = self.dec
         x = self.vae.post_quant_conv(z)
-        x = _CausalConvState(dec.conv_in)(x)
+        x = dec.conv_in(x)
         mid = dec.mid_block
         x = self._resnet(x, mid.resnets[0])
         for attn, resnet in zip(mid.attentions, mid.resnets[1:]):
@@ -280,11 +252,14 @@ class LayerwiseDecoder:
                 x = self._resnet(x, resnet)
             if block.upsamplers is not None:
                 x = self._upsample(x, block.upsamplers[0])
-        if isinstance(x, Stream):
-            x = x.materialize()
-        ab = self._norm_stats(self._stream(x), dec.conv_norm_out)
-        out = self._norm_conv(self._stream(x), dec.conv_norm_out, dec.conv_out, ab, dec.conv_out.conv.out_channels)
-        return out.materialize()
+        if isinstance(x, Source):
+            x = torch.cat([x.rows(r0, r1) for r0, r1 in self._bands(x.shape, z.dtype)], dim=3)
+        src = Source.of(x)
+        ab = self._stats(src, dec.conv_norm_out, x.dtype)
+        b, _, t, h, w = x.shape
+        out = torch.empty((b, dec.conv_out.conv.out_channels, t, h, w), dtype=x.dtype, device=x.device)
+        self._norm_conv_into(src, ab, dec.conv_out, out)
+        return out
 
 
 def tiled_decode(vae, z: torch.Tensor, tile_latents: int, stride_latents: int,

@@ -137,3 +137,46 @@ def test_bad_requests_fail_with_a_message_and_no_video(tiny_bundles, tmp_path, t
     assert isinstance(final, Failed)
     assert message in final.error and "\n" not in final.error
     assert not list(tmp_path.glob("*.mp4"))
+
+
+def test_background_decode_same_frames_and_order(tiny_bundles, tmp_path, test_image, encoded_frames):
+    sync = Engine(tiny_bundles["tiny"], Placement(torch.device("cpu"), "full"), outputs_dir=tmp_path,
+                  async_decode="off")
+    background = Engine(tiny_bundles["tiny"], Placement(torch.device("cpu"), "full"), outputs_dir=tmp_path,
+                        async_decode="on")
+    assert background.background_decode and not sync.background_decode
+    a = sync.generate(_request(test_image, seconds=3.6, steps=2), lambda e: None)
+    events = []
+    b = background.generate(_request(test_image, seconds=3.6, steps=2), events.append)
+    assert isinstance(b, Finished) and b.frames == a.frames == 109
+    assert [e.section for e in events if isinstance(e, SectionFinished)] == [1, 2, 3]
+    assert events[-1] is b  # Finished comes after every section is written
+    assert np.array_equal(encoded_frames(a), encoded_frames(b))
+
+
+def test_background_decode_keeps_sections_on_cancel(tiny_bundles, tmp_path, test_image):
+    engine = Engine(tiny_bundles["tiny"], Placement(torch.device("cpu"), "full"), outputs_dir=tmp_path,
+                    async_decode="on")
+    cancel = CancelToken()
+    events = []
+    for event in iter_events(engine, _request(test_image, seconds=3.6, steps=3), cancel):
+        events.append(event)
+        if isinstance(event, StepProgress) and event.section == 3 and event.step == 1:
+            cancel.cancel()
+    final = events[-1]
+    assert isinstance(final, Cancelled)
+    assert [e.section for e in events if isinstance(e, SectionFinished)] == [1, 2]  # both sampled sections kept
+    assert read_video_info(final.video_path)[0] == 69
+
+
+def test_decode_failure_fails_the_job_without_hanging(tiny_bundles, tmp_path, test_image):
+    engine = Engine(tiny_bundles["tiny-f1"], Placement(torch.device("cpu"), "full"), outputs_dir=tmp_path,
+                    async_decode="on")
+
+    def broken(latents, quality=False):
+        raise RuntimeError("decoder exploded")
+
+    engine.decoder.decode = broken
+    final = engine.generate(_request(test_image, seconds=2.4, steps=2), lambda e: None)
+    assert isinstance(final, Failed) and "decoder exploded" in final.error
+    assert json.loads(final.sidecar_path.read_text())["status"] == "failed"
