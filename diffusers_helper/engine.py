@@ -13,6 +13,7 @@ import secrets
 import threading
 import time
 import traceback
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Callable, Iterator
@@ -26,7 +27,7 @@ from .decode import SectionDecoder, VideoAccumulator
 from .finisher import SectionFinisher
 from .events import (TERMINAL, Cancelled, Event, Failed, Finished, SectionFinished, Stage,
                      StepProgress)
-from .placement import Placement
+from .placement import MemoryPolicy, Placement
 from .preview import latent_preview
 from .request import GenerationRequest, InputError
 from .sampling import CancelToken, Guidance, JobCancelled, StepInfo, draw_noise, sample_section
@@ -80,6 +81,8 @@ class Engine:
         self.teacache = attach_teacache(bundle.transformer)  # before placement: offload hooks must wrap it
         self.placement.prepare(bundle)
         self.decoder = SectionDecoder(bundle.vae, decode_options)
+        self.base_decode_options = self.decoder.options
+        self.model_dtype = bundle.transformer.dtype
         self.background_decode = self._choose_background_decode(async_decode)
         self.outputs_dir = Path(outputs_dir)
         self.dtype = bundle.transformer.dtype
@@ -102,6 +105,34 @@ class Engine:
             log.info("Decoding each section on a worker thread while the next one samples (%s)",
                      "side CUDA stream" if device.type == "cuda" else "CPU")
         return True
+
+    def _apply_job_options(self, request: GenerationRequest) -> None:
+        """The UI's memory and performance controls, for this job."""
+        aggressive = request.aggressive_gpu
+        preserve = request.gpu_memory_preservation_gb / 2 if aggressive else request.gpu_memory_preservation_gb
+        self.placement.memory = MemoryPolicy(keep_loaded=request.keep_models_in_gpu,
+                                             offload_threshold_gb=request.cpu_offload_threshold_gb,
+                                             preserve_gb=preserve)
+        base = self.base_decode_options
+        self.decoder.options = replace(
+            base, chunk_multiplier=request.chunk_size_multiplier * (2.0 if aggressive else 1.0),
+            max_attention_tokens=request.max_chunk_size, reserve_gb=min(base.reserve_gb, 0.5) if aggressive
+            else base.reserve_gb)
+        if aggressive:
+            log.info("Aggressive mode: Larger chunks and higher memory utilization enabled")
+        self._set_precision(request.mixed_precision)
+
+    def _set_precision(self, mixed: bool) -> None:
+        """Mixed precision off computes the transformer in float32 (twice the memory, no rounding)."""
+        target = self.model_dtype if mixed else torch.float32
+        if self.dtype == target:
+            return
+        if self.placement.policy != "full":
+            raise InputError("turning mixed precision off needs every model on the GPU: enable 'Keep models "
+                             "in GPU' at start-up (FRAMEPACK_KEEP_MODELS_IN_GPU=1) or use a larger GPU")
+        self.bundle.transformer.to(target)
+        self.dtype = target
+        log.info("Transformer now computes in %s", str(target).removeprefix("torch."))
 
     @property
     def device(self) -> torch.device:
@@ -155,6 +186,7 @@ class Engine:
         with self._lock:
             try:
                 request.validate()
+                self._apply_job_options(request)
                 files = _JobFiles(self.outputs_dir, job_id or new_job_id())
                 sections = section_count(request.seconds, request.latent_window_size)
                 record = {"job_id": files.job_id, "model": self.spec.name, "mode": self.spec.mode,
@@ -208,7 +240,7 @@ class Engine:
                     pos.llama_mask.to(device), "pooled_projections": pos.pooled.to(device, dtype), **shared}
         negative = {"encoder_hidden_states": neg.llama.to(device, dtype), "encoder_attention_mask":
                     neg.llama_mask.to(device), "pooled_projections": neg.pooled.to(device, dtype), **shared}
-        guidance = Guidance(cfg=request.cfg, gs=request.gs, rs=request.rs)
+        guidance = Guidance(cfg=request.cfg, gs=request.gs, rs=request.rs, batch=request.batch_processing)
 
         window = request.latent_window_size
         schedule = SectionSchedule(self.spec.mode, start_latent, sections, window)

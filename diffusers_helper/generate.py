@@ -63,7 +63,7 @@ def build_parser(defaults=None) -> argparse.ArgumentParser:
     return p
 
 
-def request_from_args(args) -> GenerationRequest:
+def request_from_args(args, settings=None) -> GenerationRequest:
     if args.model not in MODEL_NAMES:
         raise InputError(f"unknown model {args.model!r}; choose one of {', '.join(MODEL_NAMES)}")
     return GenerationRequest(
@@ -71,7 +71,19 @@ def request_from_args(args) -> GenerationRequest:
         seconds=args.seconds, latent_window_size=args.window, steps=args.steps, cfg=args.cfg, gs=args.gs,
         rs=args.rs, use_teacache=args.teacache, teacache_threshold=args.teacache_threshold,
         mp4_crf=args.crf, resolution=args.resolution, quality_mode=args.quality_mode,
+        **performance_fields(settings),
     ).validate()
+
+
+def performance_fields(settings) -> dict:
+    """The performance controls a job takes from the settings (the UI lets users change them)."""
+    from .settings import Settings
+
+    s = settings or Settings()
+    return dict(aggressive_gpu=s.aggressive_gpu, keep_models_in_gpu=s.keep_models_in_gpu,
+                chunk_size_multiplier=s.chunk_size_multiplier, max_chunk_size=s.max_chunk_size,
+                cpu_offload_threshold_gb=s.cpu_offload_threshold_gb, mixed_precision=s.mixed_precision,
+                batch_processing=s.batch_processing, gpu_memory_preservation_gb=s.gpu_memory_preservation)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, stream=sys.stderr,
                         format="%(message)s")
     try:
-        request = request_from_args(args)
+        request = request_from_args(args, loaded.settings)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

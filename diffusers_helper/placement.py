@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import gc
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -42,10 +43,39 @@ def _is_streamed(model) -> bool:
     return _is_group_offload_enabled(model)
 
 
+def model_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def _on_device(model, device: torch.device) -> bool:
+    p = next(model.parameters(), None)
+    return p is not None and p.device.type == device.type
+
+
+@dataclass
+class MemoryPolicy:
+    """Per-job knobs of the swap policy (the UI's memory controls)."""
+
+    keep_loaded: bool = False  # "Keep models in GPU": never move a model back to the CPU
+    offload_threshold_gb: float = 0.0  # "CPU offload threshold": offload only above this much in use
+    preserve_gb: float = 6.0  # "GPU memory preservation": keep at least this much free
+
+
 @dataclass
 class Placement:
     device: torch.device
     policy: str  # "full" or "swap"
+    memory: MemoryPolicy = field(default_factory=MemoryPolicy)
+    # (free, used) bytes on the device; replaceable so the decisions can be tested without a GPU
+    probe: Callable[[], tuple[int, int]] | None = None
+
+    def _free_used(self) -> tuple[int, int]:
+        if self.probe is not None:
+            return self.probe()
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            return free, torch.cuda.memory_allocated(self.device)
+        return 1 << 62, 0
 
     @classmethod
     def choose(cls, device: torch.device, override: str | None = None) -> "Placement":
@@ -81,21 +111,34 @@ class Placement:
                                        use_stream=True)
             log.info("Streaming %s block by block to %s", name, self.device)
 
-    def use(self, bundle, *names: str) -> None:
-        """Make the named models ready on the device; under "swap" move the others off first."""
+    def use(self, bundle, *names: str) -> list[str]:
+        """Make the named models ready on the device. Under "swap", other models go back to the CPU
+        when the memory policy asks for room; returns the names moved off, for the log and tests."""
         if self.policy == "full":
-            return
-        for name, model in bundle.models().items():
-            if name in STREAMED:
-                continue
-            if name not in names:
-                model.to("cpu")
-        for name in names:
-            if name not in STREAMED:
-                bundle.models()[name].to(self.device)
-        if self.device.type == "cuda":
+            return []
+        models = bundle.models()
+        wanted = [n for n in names if n in models and n not in STREAMED]
+        needed = sum(model_bytes(models[n]) for n in wanted if not _on_device(models[n], self.device))
+        gb = 1024**3
+        offloaded = []
+        if not self.memory.keep_loaded:
+            for name, model in models.items():
+                if name in STREAMED or name in names or not _on_device(model, self.device):
+                    continue
+                free, used = self._free_used()
+                over_threshold = used + needed > self.memory.offload_threshold_gb * gb
+                short = free - needed < self.memory.preserve_gb * gb
+                if over_threshold or short:
+                    model.to("cpu")
+                    offloaded.append(name)
+        for name in wanted:
+            models[name].to(self.device)
+        if offloaded:
+            log.info("Moved %s to the CPU to make room for %s", ", ".join(offloaded), ", ".join(wanted))
+        if self.device.type == "cuda" and offloaded:
             gc.collect()
             torch.cuda.empty_cache()
+        return offloaded
 
     def compute_device(self) -> torch.device:
         return self.device

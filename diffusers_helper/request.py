@@ -73,6 +73,14 @@ class GenerationRequest:
     gpu_memory_preservation_gb: float = 6.0
     mp4_crf: int = 16
     quality_mode: bool = False  # decode each section in as few temporal tiles as memory allows
+    # performance controls (the UI's "Performance Tuning"); defaults come from the settings
+    aggressive_gpu: bool = False  # larger decode chunks, less VRAM kept in reserve
+    keep_models_in_gpu: bool = False  # never move a model back to the CPU between stages
+    chunk_size_multiplier: float = 1.0  # scales the auto-sized decode chunks
+    max_chunk_size: int = 2048  # query tokens per attention call in the VAE mid block
+    cpu_offload_threshold_gb: float = 6.0  # move models to the CPU only above this much VRAM in use
+    mixed_precision: bool = True  # False computes the transformer in float32
+    batch_processing: bool = False  # run both CFG branches in one batch when CFG > 1
     resolution: int | None = None  # None: the model's default (640 for the real models)
 
     def validate(self) -> "GenerationRequest":
@@ -94,6 +102,14 @@ class GenerationRequest:
             (0 <= self.mp4_crf <= 51, f"MP4 CRF must be between 0 and 51, got {self.mp4_crf}"),
             (self.resolution is None or 64 <= self.resolution <= 2048,
              f"resolution must be between 64 and 2048, got {self.resolution}"),
+            (0.5 <= self.chunk_size_multiplier <= 3.0,
+             f"chunk size multiplier must be between 0.5 and 3, got {self.chunk_size_multiplier}"),
+            (1024 <= self.max_chunk_size <= 8192, f"max chunk size must be between 1024 and 8192, got "
+                                                   f"{self.max_chunk_size}"),
+            (0 <= self.cpu_offload_threshold_gb <= 128,
+             f"CPU offload threshold must be between 0 and 128 GB, got {self.cpu_offload_threshold_gb}"),
+            (0 <= self.gpu_memory_preservation_gb <= 128,
+             f"GPU memory preservation must be between 0 and 128 GB, got {self.gpu_memory_preservation_gb}"),
         ]
         for ok, message in checks:
             if not ok:

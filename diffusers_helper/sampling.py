@@ -65,6 +65,7 @@ class Guidance:
     cfg: float = 1.0  # real classifier-free guidance; 1 means one model call per step
     gs: float = 10.0  # distilled guidance fed to the guidance embedder
     rs: float = 0.0  # CFG std rescale weight
+    batch: bool = False  # run the two CFG branches as one batch of 2 (one call per step)
 
 
 @dataclass
@@ -84,6 +85,17 @@ def _cache_context(transformer, name: str):
     return ctx(name)
 
 
+def _batch_branches(positive: dict, negative: dict) -> dict:
+    """Positive and negative conditioning stacked along the batch; frame indices are shared."""
+    out = {}
+    for key, value in positive.items():
+        if key.startswith("indices_") or not torch.is_tensor(value):
+            out[key] = value
+        else:
+            out[key] = torch.cat([value, negative[key]])
+    return out
+
+
 def make_flow_model(transformer, positive: dict, negative: dict, guidance: Guidance, dtype: torch.dtype,
                     cancel: CancelToken | None = None):
     """Wrap the transformer as x0 = f(x, sigma) the solver integrates."""
@@ -91,17 +103,28 @@ def make_flow_model(transformer, positive: dict, negative: dict, guidance: Guida
     device = positive["encoder_hidden_states"].device
     gs_tensor = torch.tensor([guidance.gs * 1000.0] * batch).to(device=device, dtype=dtype)
 
+    batched = _batch_branches(positive, negative) if guidance.batch and guidance.cfg != 1.0 else None
+
     def model(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         if cancel is not None:
             cancel.raise_if_cancelled()
         sigma = sigma.float()
         x_in = x.to(dtype)
         timestep = (sigma * 1000.0).to(dtype)
-        with _cache_context(transformer, "cond"):
-            pred_pos = transformer(hidden_states=x_in, timestep=timestep, guidance=gs_tensor, return_dict=False,
-                                   **positive)[0].float()
+        if batched is not None:
+            with _cache_context(transformer, "cfg-batch"):
+                pred_pos = transformer(hidden_states=torch.cat([x_in, x_in]), timestep=torch.cat([timestep, timestep]),
+                                       guidance=torch.cat([gs_tensor, gs_tensor]), return_dict=False,
+                                       **batched)[0].float()
+        else:
+            with _cache_context(transformer, "cond"):
+                pred_pos = transformer(hidden_states=x_in, timestep=timestep, guidance=gs_tensor,
+                                       return_dict=False, **positive)[0].float()
         if guidance.cfg == 1.0:
             pred = pred_pos
+        elif batched is not None:
+            pred_pos, pred_neg = pred_pos.chunk(2)
+            pred = rescale_cfg(pred_neg + guidance.cfg * (pred_pos - pred_neg), pred_pos, guidance.rs)
         else:
             with _cache_context(transformer, "uncond"):
                 pred_neg = transformer(hidden_states=x_in, timestep=timestep, guidance=gs_tensor,

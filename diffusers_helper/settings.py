@@ -87,8 +87,9 @@ class Settings:
     teacache_threshold: float = _s(0.15, "FRAMEPACK_TEACACHE_THRESHOLD", ["--teacache-threshold"],
                                    "TeaCache accumulated-change threshold", min=0.0, max=1.0, group="job")
     gpu_memory_preservation: float = _s(6.0, "FRAMEPACK_GPU_MEMORY_PRESERVATION", ["--gpu-memory-preservation"],
-                                        "GB of VRAM to keep free while the transformer is loaded", min=0.0,
-                                        max=128.0, group="job", status=PLANNED, note=_V7)
+                                        "GB of VRAM kept free when models are swapped (under the swap placement)",
+                                        min=0.0,
+                                        max=128.0, group="job")
     mp4_crf: int = _s(16, "FRAMEPACK_MP4_CRF", ["--mp4-crf"], "H.264 quality, lower is better", min=0, max=51,
                       group="job")
     resolution: int = _s(0, "FRAMEPACK_RESOLUTION", ["--resolution"],
@@ -99,17 +100,16 @@ class Settings:
                             group="job")
     mixed_precision: bool = _s(True, "FRAMEPACK_MIXED_PRECISION", ["--mixed-precision"],
                                "bf16/fp16 compute; off computes the transformer in float32", group="job",
-                               negative_flags=["--no-mixed-precision"], status=PLANNED, note=_V7)
+                               negative_flags=["--no-mixed-precision"])
     batch_processing: bool = _s(False, "FRAMEPACK_BATCH_PROCESSING", ["--batch-processing"],
-                                "run the CFG branches as one batch when CFG > 1", group="job", status=PLANNED,
-                                note=_V6)
+                                "run the CFG branches as one batch when CFG > 1", group="job")
 
     # -- memory ------------------------------------------------------------------------------------------
     keep_models_in_gpu: bool = _s(False, "FRAMEPACK_KEEP_MODELS_IN_GPU", ["--keep-models-in-gpu"],
                                   "keep every model on the GPU (needs ~60 GB free)", group="memory")
     aggressive_gpu: bool = _s(False, "FRAMEPACK_AGGRESSIVE_GPU", ["--aggressive-gpu"],
-                              "use more VRAM: larger chunks, less preserved memory", group="memory",
-                              status=PLANNED, note=_V7)
+                              "use more VRAM: larger decode chunks, half the preserved memory, less reserve",
+                              group="memory")
     placement: str = _s("auto", "FRAMEPACK_PLACEMENT", ["--placement"],
                         "model placement policy: auto, full or swap", choices=("auto", "full", "swap"),
                         group="memory")
@@ -123,8 +123,9 @@ class Settings:
                              "most query tokens per attention call in the VAE's mid block", min=1024, max=8192,
                              group="memory")
     cpu_offload_threshold_gb: float = _s(6.0, "FRAMEPACK_CPU_OFFLOAD_THRESHOLD", ["--cpu-offload-threshold"],
-                                         "offload to CPU only when GPU memory in use exceeds this (GB)", min=0.0,
-                                         max=128.0, group="memory", status=PLANNED, note=_V7)
+                                         "swap models to the CPU only when VRAM in use would exceed this (GB)",
+                                         min=0.0,
+                                         max=128.0, group="memory")
     bnb_cpu_offload: bool = _s(False, "FRAMEPACK_BNB_CPU_OFFLOAD", ["--bnb-cpu-offload"],
                                "offload quantized models to CPU when idle", group="memory", status=PLANNED,
                                note=_V6)
