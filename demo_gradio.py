@@ -3,23 +3,26 @@
     python demo_gradio.py            # real models (downloaded once, ~30 GB)
     python demo_gradio.py --tiny     # small random models built locally, works offline
 
-The UI only turns engine events into widget updates; all tensor work happens in diffusers_helper.
+Jobs go into a server-side queue; the page polls it once a second, so a reload reattaches to the
+running job. The UI only turns job snapshots into widget updates; tensors stay in diffusers_helper.
+Every setting flag of `python -m diffusers_helper.settings --help` works here too.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import random
-import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import gradio as gr
+from gradio.data_classes import FileData
 
-from diffusers_helper.engine import iter_events
-from diffusers_helper.events import Cancelled, Failed, Finished, SectionFinished, Stage, StepProgress
+from diffusers_helper.gpu_stats import gpu_status
+from diffusers_helper.jobs import ENDED, QUEUED, RUNNING, JobQueue, JobSnapshot, past_jobs
 from diffusers_helper.loading import WeightsMissingError
 from diffusers_helper.request import GenerationRequest, InputError
-from diffusers_helper.sampling import CancelToken
 from diffusers_helper.service import EngineProvider
 from diffusers_helper.settings import Settings
 from diffusers_helper.startup import decode_options, device_arg, model_name, placement_override, start
@@ -32,17 +35,68 @@ QUICK_PROMPTS = [
     "The camera slowly pushes in while the subject turns their head and smiles.",
 ]
 MAX_SEED = 2**31 - 1
+CSS = """
+.fp-progress {margin: 4px 0}
+.fp-label {font-size: 0.9em; margin-bottom: 4px}
+.fp-track {width: 100%; height: 10px; background: #e5e7eb; border-radius: 5px; overflow: hidden}
+.fp-bar {height: 100%; background: #2563eb; transition: width 0.3s}
+"""
+# The job controls, in the order of the Start button's inputs (and the API's parameters).
+CONTROL_FIELDS = [
+    "prompt", "negative_prompt", "seed", "seconds", "latent_window_size", "steps", "cfg", "gs", "rs",
+    "use_teacache", "gpu_memory_preservation_gb", "mp4_crf", "quality_mode", "aggressive_gpu", "keep_models_in_gpu",
+    "chunk_size_multiplier", "max_chunk_size", "cpu_offload_threshold_gb", "mixed_precision", "batch_processing",
+]
 
 
 @dataclass
-class AppState:
-    """One desktop user: the engine provider and the running job's stop token."""
+class App:
+    """Server-side state shared by every browser tab: one queue, one engine provider."""
 
-    provider: EngineProvider
-    model_labels: dict[str, str]
+    queue: JobQueue
+    outputs_dir: Path
+    model_labels: dict[str, str]  # label -> model name
     defaults: Settings = field(default_factory=Settings)
-    cancel: CancelToken | None = None
-    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def label_of(self, model: str) -> str:
+        return next((label for label, name in self.model_labels.items() if name == model), model)
+
+    def request(self, image, values: dict) -> GenerationRequest:
+        d = self.defaults
+        return GenerationRequest(
+            image=image, prompt=values["prompt"] or "", negative_prompt=values["negative_prompt"] or "",
+            seed=int(values["seed"]), seconds=float(values["seconds"]),
+            latent_window_size=int(values["latent_window_size"]), steps=int(values["steps"]), cfg=float(values["cfg"]),
+            gs=float(values["gs"]), rs=float(values["rs"]), use_teacache=bool(values["use_teacache"]),
+            teacache_threshold=d.teacache_threshold, gpu_memory_preservation_gb=float(values["gpu_memory_preservation_gb"]),
+            mp4_crf=int(values["mp4_crf"]), resolution=d.resolution or None, quality_mode=bool(values["quality_mode"]),
+            aggressive_gpu=bool(values["aggressive_gpu"]), keep_models_in_gpu=bool(values["keep_models_in_gpu"]),
+            chunk_size_multiplier=float(values["chunk_size_multiplier"]), max_chunk_size=int(values["max_chunk_size"]),
+            cpu_offload_threshold_gb=float(values["cpu_offload_threshold_gb"]),
+            mixed_precision=bool(values["mixed_precision"]), batch_processing=bool(values["batch_processing"]))
+
+    def submit(self, image, model_label: str, values: dict) -> str:
+        """Enqueue; returns the job id or raises InputError with a one-line message."""
+        model = self.model_labels.get(model_label)
+        if model is None:
+            raise InputError(f"unknown model {model_label!r}; choose one of {', '.join(self.model_labels)}")
+        if values.get("prompt") is None:
+            values["prompt"] = ""
+        return self.queue.submit(self.request(image, values), model)
+
+
+# -- rendering (pure functions of snapshots, so they are easy to test) --------------------------------------
+
+
+def default_values(d: Settings) -> dict:
+    """The job controls' starting values, by GenerationRequest field name."""
+    return {"prompt": "", "negative_prompt": "", "seed": d.seed, "seconds": d.video_length,
+            "latent_window_size": d.latent_window_size, "steps": d.steps, "cfg": d.cfg, "gs": d.gs, "rs": d.rs,
+            "use_teacache": d.use_teacache, "gpu_memory_preservation_gb": d.gpu_memory_preservation,
+            "mp4_crf": d.mp4_crf, "quality_mode": d.quality_mode, "aggressive_gpu": d.aggressive_gpu,
+            "keep_models_in_gpu": d.keep_models_in_gpu, "chunk_size_multiplier": d.chunk_size_multiplier,
+            "max_chunk_size": d.max_chunk_size, "cpu_offload_threshold_gb": d.cpu_offload_threshold_gb,
+            "mixed_precision": d.mixed_precision, "batch_processing": d.batch_processing}
 
 
 def progress_html(fraction: float, text: str) -> str:
@@ -51,145 +105,236 @@ def progress_html(fraction: float, text: str) -> str:
             f'<div class="fp-track"><div class="fp-bar" style="width:{pct:.1f}%"></div></div></div>')
 
 
-def _eta(elapsed: float, fraction: float) -> str:
-    if fraction <= 0:
-        return ""
-    remaining = elapsed * (1 - fraction) / fraction
-    return f", about {remaining:.0f} s left"
+def status_text(snap: JobSnapshot | None) -> str:
+    if snap is None:
+        return "Upload an image, write a prompt and press Start."
+    if snap.state == RUNNING and snap.steps:
+        eta = f", about {snap.eta_s:.0f} s left" if snap.eta_s is not None else ""
+        return (f"**{snap.stage}**, step {snap.step}/{snap.steps} ({snap.fraction * 100:.0f}%{eta}) "
+                f"- job `{snap.job_id}`")
+    if snap.state == "failed":
+        return f"**Failed:** {snap.error}"
+    return f"**{snap.stage}** - job `{snap.job_id}`"
 
 
-def run_job(state: AppState, image, prompt, negative_prompt, model_label, seed, seconds, window, steps, cfg, gs,
-            rs, use_teacache, gpu_memory_preservation, crf, quality_mode=False):
-    """Generator bound to Start: yields (video, preview, status, progress, start, stop) updates."""
-    idle = (gr.update(interactive=True), gr.update(interactive=False))
-    busy = (gr.update(interactive=False), gr.update(interactive=True))
-    model = state.model_labels.get(model_label, model_label)
-    try:
-        request = GenerationRequest(
-            prompt=prompt or "", image=image, negative_prompt=negative_prompt or "", seed=int(seed),
-            seconds=float(seconds), latent_window_size=int(window), steps=int(steps), cfg=float(cfg),
-            gs=float(gs), rs=float(rs), use_teacache=bool(use_teacache),
-            gpu_memory_preservation_gb=float(gpu_memory_preservation), mp4_crf=int(crf),
-            teacache_threshold=state.defaults.teacache_threshold, quality_mode=bool(quality_mode),
-            resolution=state.defaults.resolution or None).validate()
-    except InputError as exc:
-        gr.Warning(str(exc))
-        yield None, None, f"**Cannot start:** {exc}", "", *idle
-        return
-    if not state.lock.acquire(blocking=False):
-        gr.Warning("A job is already running; stop it or wait for it to finish.")
-        yield gr.update(), gr.update(), "A job is already running.", gr.update(), *idle
-        return
-    try:
-        yield None, None, f"Loading {model_label}...", progress_html(0, "Loading models"), *busy
-        try:
-            engine = state.provider.get(model)
-        except (WeightsMissingError, ValueError) as exc:
-            yield None, None, f"**Cannot load models:** {exc}", "", *idle
-            return
-        state.cancel = CancelToken()
-        video = None
-        for event in iter_events(engine, request, state.cancel):
-            if isinstance(event, Stage):
-                yield gr.update(), gr.update(), event.message, gr.update(), *busy
-            elif isinstance(event, StepProgress):
-                text = (f"Section {event.section}/{event.sections}, step {event.step}/{event.steps}"
-                        f"{_eta(event.elapsed_s, event.fraction)}")
-                yield gr.update(), event.preview, text, progress_html(event.fraction, text), *busy
-            elif isinstance(event, SectionFinished):
-                video = str(event.video_path)
-                text = (f"Section {event.section}/{event.sections} done: {event.frames} frames "
-                        f"({event.frames / 30:.2f} s of video). {event.cache_note}")
-                yield video, gr.update(), text, gr.update(), *busy
-            elif isinstance(event, Finished):
-                text = f"Finished: {event.frames} frames in {event.elapsed_s:.1f} s. Saved to {event.video_path}"
-                yield str(event.video_path), None, text, progress_html(1, "Done"), *idle
-            elif isinstance(event, Cancelled):
-                kept = f" Kept {event.video_path}." if event.video_path else ""
-                yield video, None, f"Stopped.{kept}", "", *idle
-            elif isinstance(event, Failed):
-                gr.Warning(event.error)
-                yield video, None, f"**Failed:** {event.error}", "", *idle
-    finally:
-        state.cancel = None
-        state.lock.release()
+def queue_rows(jobs: list[JobSnapshot]) -> list[list]:
+    return [[j.job_id, j.state, j.model, (j.prompt[:40] + "...") if len(j.prompt) > 40 else j.prompt,
+             f"{j.fraction * 100:.0f}%"] for j in reversed(jobs)]
 
 
-def stop_job(state: AppState):
-    if state.cancel is not None:
-        state.cancel.cancel()
-        return "Stopping after the current step..."
-    return "Nothing is running."
+def render(app: App, seen: dict):
+    """One poll: updates for video, preview, status, progress, GPU, queue table, job choices, buttons.
+
+    The job choice keeps the user's pick while that job is still open."""
+    snap = app.queue.latest()
+    jobs = app.queue.jobs()
+    unchanged = gr.update()
+    video = preview = unchanged
+    if snap is not None and snap.video and snap.video != seen.get("video"):
+        video = snap.video
+        seen["video"] = snap.video
+    if snap is not None and snap.preview is not None and (snap.job_id, snap.version) != seen.get("preview"):
+        preview = snap.preview
+        seen["preview"] = (snap.job_id, snap.version)
+    if snap is not None and snap.state in ENDED and seen.get("cleared") != snap.job_id:
+        preview = None
+        seen["cleared"] = snap.job_id
+    running = snap is not None and snap.state == RUNNING
+    bar = progress_html(snap.fraction, snap.stage) if running else ""
+    open_jobs = [j.job_id for j in jobs if j.state in (QUEUED, RUNNING)]
+    choice = gr.update() if open_jobs == seen.get("open") else gr.update(choices=open_jobs,
+                                                                         value=open_jobs[-1] if open_jobs else None)
+    seen["open"] = open_jobs
+    return (video, preview, status_text(snap), bar, gpu_status(), queue_rows(jobs), choice,
+            gr.update(), gr.update(interactive=running), seen)  # Start stays on: more jobs queue up
 
 
-CSS = """
-.fp-progress {margin: 4px 0}
-.fp-label {font-size: 0.9em; margin-bottom: 4px}
-.fp-track {width: 100%; height: 10px; background: #e5e7eb; border-radius: 5px; overflow: hidden}
-.fp-bar {height: 100%; background: #2563eb; transition: width 0.3s}
-"""
+def gallery_items(app: App) -> tuple[list, list[dict]]:
+    records = past_jobs(app.outputs_dir)
+    return [(r["video"], f"{r.get('job_id', '')}: {r['settings'].get('prompt', '')[:40]}") for r in records], records
 
 
-def build_app(state: AppState) -> gr.Blocks:
-    labels = list(state.model_labels)
-    d = state.defaults
-    with gr.Blocks(title="FramePack") as app:
+# -- the page --------------------------------------------------------------------------------------------------
+
+
+def build_app(app: App) -> gr.Blocks:
+    d = app.defaults
+    labels = list(app.model_labels)
+    with gr.Blocks(title="FramePack") as page:
         gr.Markdown("# FramePack\nTurn an image and a prompt into a video, one section at a time.")
+        seen = gr.State({})
+        records = gr.State([])
         with gr.Row():
             with gr.Column():
                 image = gr.Image(sources=["upload"], type="numpy", label="Image", height=320, elem_id="input-image")
                 prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt")
-                quick = gr.Dataset(samples=[[p] for p in QUICK_PROMPTS], label="Quick prompts",
-                                   components=[prompt])
-                quick.click(lambda x: x[0], inputs=[quick], outputs=prompt, show_progress="hidden", queue=False)
+                quick = gr.Dataset(samples=[[p] for p in QUICK_PROMPTS], label="Quick prompts", components=[prompt])
+                quick.click(lambda x: x[0], inputs=[quick], outputs=prompt, show_progress="hidden", queue=False, api_visibility="private")
                 with gr.Row():
-                    start = gr.Button("Start Generation", variant="primary", elem_id="start")
-                    stop = gr.Button("End Generation", interactive=False, elem_id="stop")
+                    start_btn = gr.Button("Start Generation", variant="primary", elem_id="start")
+                    stop_btn = gr.Button("End Generation", interactive=False, elem_id="stop")
                 model = gr.Radio(labels, value=labels[0], label="Model", elem_id="model")
                 with gr.Group():
                     use_teacache = gr.Checkbox(label="Use TeaCache", value=d.use_teacache,
-                                               info="Faster, but can hurt hands and fingers.")
-                    quality = gr.Checkbox(label="Quality Mode", value=d.quality_mode,
-                                          info="Decode each section in one pass where memory allows: no tile "
-                                               "seams, more VRAM.", elem_id="quality-mode")
-                    negative_prompt = gr.Textbox(label="Negative prompt", value="", visible=d.cfg > 1.0)
+                                               info="Faster, but can hurt hands and fingers.", elem_id="teacache")
+                    quality = gr.Checkbox(label="Quality Mode", value=d.quality_mode, elem_id="quality-mode",
+                                          info="Decode each section in one pass where memory allows: no tile seams, "
+                                               "more VRAM.")
+                    negative = gr.Textbox(label="Negative prompt", value="", visible=d.cfg > 1.0)
                     with gr.Row():
-                        seed = gr.Number(label="Seed", value=d.seed, precision=0, minimum=0, maximum=MAX_SEED)
+                        seed = gr.Number(label="Seed", value=d.seed, precision=0, minimum=0, maximum=MAX_SEED,
+                                         elem_id="seed")
                         randomize = gr.Button("Random seed", size="sm")
-                    seconds = gr.Slider(label="Total video length (seconds)", minimum=1, maximum=120, value=d.video_length,
-                                        step=0.1)
-                    window = gr.Slider(label="Latent window size", minimum=1, maximum=33, value=d.latent_window_size, step=1,
-                                       visible=False)
-                    steps = gr.Slider(label="Steps", minimum=1, maximum=100, value=d.steps, step=1,
+                    seconds = gr.Slider(label="Total video length (seconds)", minimum=1, maximum=120,
+                                        value=d.video_length, step=0.1, elem_id="seconds")
+                    window = gr.Slider(label="Latent window size", minimum=1, maximum=33, value=d.latent_window_size,
+                                       step=1, visible=False)
+                    steps = gr.Slider(label="Steps", minimum=1, maximum=100, value=d.steps, step=1, elem_id="steps",
                                       info="Changing this is not recommended.")
                     cfg = gr.Slider(label="CFG scale", minimum=1.0, maximum=32.0, value=d.cfg, step=0.01,
                                     info="Real guidance; above 1 uses the negative prompt and is twice as slow.")
                     gs = gr.Slider(label="Distilled CFG scale", minimum=1.0, maximum=32.0, value=d.gs, step=0.01)
                     rs = gr.Slider(label="CFG rescale", minimum=0.0, maximum=1.0, value=d.rs, step=0.01)
-                    gpu_mem = gr.Slider(label="GPU memory preservation (GB)", minimum=6, maximum=128,
-                                        value=max(6.0, d.gpu_memory_preservation),
-                                        step=0.1, info="Larger keeps more VRAM free, at some speed.")
+                    gpu_mem = gr.Slider(label="GPU memory preservation (GB)", minimum=0, maximum=128,
+                                        value=d.gpu_memory_preservation, step=0.1,
+                                        info="VRAM kept free when models are swapped; larger is safer, slower.")
                     crf = gr.Slider(label="MP4 compression (CRF)", minimum=0, maximum=51, value=d.mp4_crf, step=1,
                                     info="Lower is better; 0 is lossless and can show black in some players.")
+                with gr.Accordion("Performance Tuning", open=False, elem_id="performance"):
+                    aggressive = gr.Checkbox(label="Aggressive GPU usage", value=d.aggressive_gpu,
+                                             info="Larger decode chunks, half the preserved memory.")
+                    keep = gr.Checkbox(label="Keep models in GPU", value=d.keep_models_in_gpu,
+                                       info="Never move a model back to the CPU between stages.")
+                    multiplier = gr.Slider(label="Chunk Size Multiplier", minimum=0.5, maximum=3.0,
+                                           value=d.chunk_size_multiplier, step=0.1)
+                    max_chunk = gr.Slider(label="Max Chunk Size", minimum=1024, maximum=8192, value=d.max_chunk_size,
+                                          step=256, info="Query tokens per attention call in the VAE decoder.")
+                    threshold = gr.Slider(label="CPU Offload Threshold (GB)", minimum=0, maximum=128,
+                                          value=d.cpu_offload_threshold_gb, step=0.5,
+                                          info="Swap models to the CPU only above this much VRAM in use.")
+                    mixed = gr.Checkbox(label="Mixed Precision Mode", value=d.mixed_precision,
+                                        info="bf16 compute; off computes the transformer in float32.")
+                    batch = gr.Checkbox(label="Batch Processing", value=d.batch_processing,
+                                        info="Run both CFG branches in one batch when CFG > 1.")
             with gr.Column():
-                preview = gr.Image(label="Next latents", height=200, visible=True, interactive=False,
-                                   elem_id="preview")
-                result = gr.Video(label="Finished frames", autoplay=True, loop=True, height=512,
-                                  interactive=False, elem_id="result")
-                status = gr.Markdown("", elem_id="status")
+                preview = gr.Image(label="Next latents", height=200, interactive=False, elem_id="preview")
+                result = gr.Video(label="Finished frames", autoplay=True, loop=True, height=512, interactive=False,
+                                  elem_id="result")
+                status = gr.Markdown(status_text(None), elem_id="status")
                 bar = gr.HTML("", elem_id="progress")
+                gpu = gr.Markdown(gpu_status(), elem_id="gpu")
+                with gr.Accordion("Queue", open=True, elem_id="queue"):
+                    table = gr.Dataframe(headers=["job", "state", "model", "prompt", "progress"], interactive=False,
+                                         elem_id="queue-table", value=[])
+                    with gr.Row():
+                        job_choice = gr.Dropdown(label="Queued or running job", choices=[], elem_id="job-choice",
+                                                 allow_custom_value=True)
+                        cancel_btn = gr.Button("Cancel job", elem_id="cancel-job")
+                with gr.Accordion("Past videos", open=False, elem_id="past"):
+                    gallery = gr.Gallery(label="Outputs", columns=3, height=300, elem_id="gallery")
+                    chosen = gr.JSON(label="Settings of the selected video", elem_id="chosen-settings")
+                    with gr.Row():
+                        refresh_btn = gr.Button("Refresh", elem_id="refresh-gallery")
+                        reuse_btn = gr.Button("Reuse these settings", elem_id="reuse")
 
-        cfg.change(lambda v: gr.update(visible=v > 1.0), inputs=cfg, outputs=negative_prompt, queue=False)
-        randomize.click(lambda: random.randint(0, MAX_SEED), outputs=seed, queue=False)
-        inputs = [image, prompt, negative_prompt, model, seed, seconds, window, steps, cfg, gs, rs, use_teacache,
-                  gpu_mem, crf, quality]
-        start.click(lambda *a: (yield from run_job(state, *a)), inputs=inputs,
-                    outputs=[result, preview, status, bar, start, stop], api_name="generate")
-        stop.click(lambda: stop_job(state), outputs=status, api_name="stop", queue=False)
-    return app
+        controls = [prompt, negative, seed, seconds, window, steps, cfg, gs, rs, use_teacache, gpu_mem, crf, quality,
+                    aggressive, keep, multiplier, max_chunk, threshold, mixed, batch]
+
+        def on_start(img, model_label, *values):
+            try:
+                job_id = app.submit(img, model_label, dict(zip(CONTROL_FIELDS, values)))
+            except InputError as exc:
+                gr.Warning(str(exc))
+                return f"**Cannot start:** {exc}"
+            return f"Queued job `{job_id}`"
+
+        def on_stop():
+            return "Stopping after the current step..." if app.queue.cancel_running() else "Nothing is running."
+
+        def on_cancel(job_id):
+            if not job_id:
+                return "Choose a job to cancel."
+            return f"Cancelled job `{job_id}`." if app.queue.cancel(job_id) else f"Job `{job_id}` already ended."
+
+        def on_refresh():
+            items, recs = gallery_items(app)
+            return items, recs
+
+        def on_select(recs, evt: gr.SelectData):
+            return recs[evt.index] if recs and evt.index is not None and evt.index < len(recs) else None
+
+        def on_reuse(record):
+            if not record:
+                gr.Warning("Select a past video first.")
+                return [gr.update()] * (len(controls) + 1)
+            s = record.get("settings", {})
+            values = [s.get(name, gr.update()) for name in CONTROL_FIELDS]
+            return [*values, app.label_of(record.get("model", ""))]
+
+        start_btn.click(on_start, inputs=[image, model, *controls], outputs=status, api_name="submit",
+                        show_progress="hidden")
+        stop_btn.click(on_stop, outputs=status, api_name="stop", show_progress="hidden")
+        cancel_btn.click(on_cancel, inputs=job_choice, outputs=status, api_name="cancel_job", show_progress="hidden")
+        cfg.change(lambda v: gr.update(visible=v > 1.0), inputs=cfg, outputs=negative, queue=False, api_visibility="private")
+        randomize.click(lambda: random.randint(0, MAX_SEED), outputs=seed, queue=False, api_visibility="private")
+        refresh_btn.click(on_refresh, outputs=[gallery, records], api_visibility="private")
+        gallery.select(on_select, inputs=records, outputs=chosen, api_visibility="private")
+        reuse_btn.click(on_reuse, inputs=chosen, outputs=[*controls, model], api_visibility="private")
+        timer = gr.Timer(1.0)
+        timer.tick(lambda s: render(app, s), inputs=seen,
+                   outputs=[result, preview, status, bar, gpu, table, job_choice, start_btn, stop_btn, seen],
+                   show_progress="hidden", concurrency_limit=None, api_visibility="private")
+        page.load(on_refresh, outputs=[gallery, records], api_visibility="private")
+        _api(app)
+    return page
 
 
-def main(argv=None):
+def _api(app: App) -> None:
+    """Named endpoints for gradio_client (see README): generate waits, the others return at once."""
+
+    def generate(image: FileData, prompt: str, model: str = "", seconds: float = 5.0, seed: int = 31337,
+                 steps: int = 25, use_teacache: bool = True) -> dict:
+        """Queue a job from an image file and wait for it; returns its final state and video path."""
+        image = _file_path(image)
+        values = default_values(app.defaults)
+        values.update(prompt=prompt, seed=seed, seconds=seconds, steps=steps, use_teacache=use_teacache)
+        label = app.label_of(model) if model else next(iter(app.model_labels))
+        try:
+            job_id = app.submit(image, label, values)
+        except InputError as exc:
+            return {"state": "rejected", "error": str(exc)}
+        return _snapshot_dict(app.queue.wait(job_id))
+
+    def job_status(job_id: str) -> dict:
+        """State, progress and video of one job."""
+        snap = app.queue.get(job_id)
+        return _snapshot_dict(snap) if snap else {"state": "unknown", "error": f"no job {job_id!r}"}
+
+    def queue() -> list[dict]:
+        """Every job of this session, oldest first."""
+        return [_snapshot_dict(s) for s in app.queue.jobs()]
+
+    gr.api(generate, api_name="generate")
+    gr.api(job_status, api_name="job_status")
+    gr.api(queue, api_name="queue")
+
+
+def _file_path(value) -> str | None:
+    """gradio_client sends uploaded files as FileData (or its dict form); plain paths work too."""
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        return value.get("path")
+    return getattr(value, "path", value)
+
+
+def _snapshot_dict(snap: JobSnapshot) -> dict:
+    return {"job_id": snap.job_id, "state": snap.state, "model": snap.model, "stage": snap.stage,
+            "progress": round(snap.fraction, 4), "video": snap.video, "frames": snap.frames, "error": snap.error,
+            "sidecar": snap.sidecar, "elapsed_s": round(snap.elapsed_s, 2)}
+
+
+def create(argv=None) -> tuple[gr.Blocks, App, Settings]:
     loaded = start(argv)
     s = loaded.settings
     model = model_name(s)
@@ -201,16 +346,20 @@ def main(argv=None):
     provider = EngineProvider(models_dir=s.models_dir or None, offline=True if (s.offline or s.tiny) else None,
                               device=device_arg(s), outputs_dir=s.output_dir, placement=placement_override(s),
                               decode_options=decode_options(s), async_decode=s.async_decode)
-    state = AppState(provider=provider, model_labels=labels, defaults=s)
     log.info("Loading %s models before the UI starts", model)
     try:
         provider.get(model)
     except WeightsMissingError as exc:
         log.error("%s", exc)
-        raise SystemExit(2)
-    app = build_app(state)
-    app.queue().launch(server_name=s.server, server_port=s.port or None, share=s.share, inbrowser=s.inbrowser,
-                       css=CSS, allowed_paths=[str(provider.outputs_dir.resolve())])
+        raise SystemExit(2) from None
+    app = App(queue=JobQueue(provider), outputs_dir=Path(s.output_dir), model_labels=labels, defaults=s)
+    return build_app(app), app, s
+
+
+def main(argv=None):
+    page, app, s = create(argv)
+    page.queue().launch(server_name=s.server, server_port=s.port or None, share=s.share, inbrowser=s.inbrowser,
+                        css=CSS, allowed_paths=[str(app.outputs_dir.resolve())])
 
 
 if __name__ == "__main__":

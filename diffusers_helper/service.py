@@ -27,7 +27,7 @@ class EngineProvider:
         self.models_dir = models_dir
         self.offline = offline
         self.device = pick_device(device)
-        self.outputs_dir = Path(outputs_dir)
+        self.outputs_dir = Path(outputs_dir).resolve()  # absolute: API users get usable paths
         self.placement_override = placement
         self.decode_options = decode_options
         self.async_decode = async_decode

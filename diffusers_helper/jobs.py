@@ -1,0 +1,234 @@
+"""A queue of generation jobs run one at a time on a worker thread, with state anyone can read.
+
+The web page only polls snapshots, so a reload (or a second tab) reattaches to the running job; the
+API can wait for a job to end. Past jobs are found again from their JSON sidecars on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from .engine import new_job_id
+from .events import Cancelled, Failed, Finished, SectionFinished, Stage, StepProgress
+from .request import GenerationRequest, InputError
+from .sampling import CancelToken
+
+log = logging.getLogger("framepack.jobs")
+
+QUEUED, RUNNING, FINISHED, FAILED, CANCELLED = "queued", "running", "finished", "failed", "cancelled"
+ENDED = (FINISHED, FAILED, CANCELLED)
+
+
+@dataclass(frozen=True)
+class JobSnapshot:
+    job_id: str
+    model: str
+    prompt: str
+    state: str = QUEUED
+    stage: str = "Waiting in the queue"
+    fraction: float = 0.0
+    section: int = 0
+    sections: int = 0
+    step: int = 0
+    steps: int = 0
+    preview: np.ndarray | None = field(default=None, repr=False)
+    video: str | None = None
+    frames: int = 0
+    error: str | None = None
+    sidecar: str | None = None
+    submitted: float = 0.0
+    started: float | None = None
+    ended: float | None = None
+    version: int = 0  # bumps on every change, so pollers can skip unchanged states
+
+    @property
+    def elapsed_s(self) -> float:
+        if self.started is None:
+            return 0.0
+        return (self.ended or time.time()) - self.started
+
+    @property
+    def eta_s(self) -> float | None:
+        if self.state != RUNNING or self.fraction <= 0.01:
+            return None
+        return self.elapsed_s * (1 - self.fraction) / self.fraction
+
+
+@dataclass
+class _Job:
+    snapshot: JobSnapshot
+    request: GenerationRequest
+    cancel: CancelToken = field(default_factory=CancelToken)
+
+
+class JobQueue:
+    def __init__(self, provider, max_queued: int = 32):
+        self.provider = provider
+        self.max_queued = max_queued
+        self._jobs: dict[str, _Job] = {}
+        self._order: list[str] = []
+        self._cond = threading.Condition()
+        self._stop = False
+        self._worker = threading.Thread(target=self._run, name="job-queue", daemon=True)
+        self._worker.start()
+
+    # -- public -----------------------------------------------------------------------------------------
+
+    def submit(self, request: GenerationRequest, model: str) -> str:
+        """Validate and enqueue; raises InputError with a one-line message for bad input."""
+        request.validate()
+        with self._cond:
+            waiting = sum(1 for j in self._jobs.values() if j.snapshot.state == QUEUED)
+            if waiting >= self.max_queued:
+                raise InputError(f"the queue is full ({self.max_queued} jobs waiting); wait or cancel some")
+            job_id = new_job_id()
+            snap = JobSnapshot(job_id=job_id, model=model, prompt=request.prompt, submitted=time.time())
+            self._jobs[job_id] = _Job(snap, request)
+            self._order.append(job_id)
+            self._cond.notify_all()
+        log.info("Queued job %s (%s)", job_id, model)
+        return job_id
+
+    def cancel(self, job_id: str) -> bool:
+        """Stop a running job after its current step, or drop a queued one. False if it already ended."""
+        with self._cond:
+            job = self._jobs.get(job_id)
+            if job is None or job.snapshot.state in ENDED:
+                return False
+            job.cancel.cancel()
+            if job.snapshot.state == QUEUED:
+                self._update(job, state=CANCELLED, stage="Cancelled before it started", ended=time.time())
+            return True
+
+    def cancel_running(self) -> bool:
+        current = self.running()
+        return self.cancel(current.job_id) if current else False
+
+    def get(self, job_id: str) -> JobSnapshot | None:
+        with self._cond:
+            job = self._jobs.get(job_id)
+            return job.snapshot if job else None
+
+    def running(self) -> JobSnapshot | None:
+        with self._cond:
+            return next((self._jobs[j].snapshot for j in self._order if self._jobs[j].snapshot.state == RUNNING),
+                        None)
+
+    def latest(self) -> JobSnapshot | None:
+        """The running job, else the one that started last, else the last one submitted."""
+        with self._cond:
+            if not self._order:
+                return None
+            snaps = [self._jobs[j].snapshot for j in self._order]
+            run = next((j for j in snaps if j.state == RUNNING), None)
+            started = [j for j in snaps if j.started is not None]
+            return run or (max(started, key=lambda j: j.started) if started else snaps[-1])
+
+    def jobs(self) -> list[JobSnapshot]:
+        with self._cond:
+            return [self._jobs[j].snapshot for j in self._order]
+
+    def wait(self, job_id: str, timeout: float | None = None) -> JobSnapshot:
+        deadline = None if timeout is None else time.time() + timeout
+        with self._cond:
+            while self._jobs[job_id].snapshot.state not in ENDED:
+                remaining = None if deadline is None else deadline - time.time()
+                if remaining is not None and remaining <= 0:
+                    break
+                self._cond.wait(timeout=remaining)
+            return self._jobs[job_id].snapshot
+
+    def close(self) -> None:
+        with self._cond:
+            self._stop = True
+            for job in self._jobs.values():
+                job.cancel.cancel()
+            self._cond.notify_all()
+        self._worker.join(timeout=60)
+
+    # -- worker -----------------------------------------------------------------------------------------
+
+    def _update(self, job: _Job, **changes) -> None:
+        """Caller holds the condition."""
+        job.snapshot = replace(job.snapshot, version=job.snapshot.version + 1, **changes)
+        self._cond.notify_all()
+
+    def _next(self) -> _Job | None:
+        with self._cond:
+            while not self._stop:
+                for job_id in self._order:
+                    job = self._jobs[job_id]
+                    if job.snapshot.state == QUEUED:
+                        self._update(job, state=RUNNING, stage="Loading models", started=time.time())
+                        return job
+                self._cond.wait()
+            return None
+
+    def _on_event(self, job: _Job, event) -> None:
+        with self._cond:
+            if isinstance(event, Stage):
+                self._update(job, stage=event.message)
+            elif isinstance(event, StepProgress):
+                self._update(job, fraction=event.fraction, section=event.section, sections=event.sections,
+                             step=event.step, steps=event.steps, preview=event.preview,
+                             stage=f"Sampling section {event.section}/{event.sections}")
+            elif isinstance(event, SectionFinished):
+                self._update(job, video=str(event.video_path), frames=event.frames,
+                             stage=f"Section {event.section}/{event.sections} done: {event.frames} frames"
+                                   + (f" ({event.cache_note})" if event.cache_note else ""))
+            elif isinstance(event, Finished):
+                self._update(job, state=FINISHED, fraction=1.0, video=str(event.video_path), frames=event.frames,
+                             sidecar=str(event.sidecar_path), ended=time.time(),
+                             stage=f"Finished: {event.frames} frames in {event.elapsed_s:.1f} s")
+            elif isinstance(event, Cancelled):
+                self._update(job, state=CANCELLED, ended=time.time(), sidecar=str(event.sidecar_path or ""),
+                             video=str(event.video_path) if event.video_path else job.snapshot.video,
+                             stage="Stopped" + (f"; kept {event.video_path}" if event.video_path else ""))
+            elif isinstance(event, Failed):
+                self._update(job, state=FAILED, error=event.error, ended=time.time(),
+                             video=str(event.video_path) if event.video_path else job.snapshot.video,
+                             stage=f"Failed: {event.error}")
+
+    def _run(self) -> None:
+        while True:
+            job = self._next()
+            if job is None:
+                return
+            try:
+                engine = self.provider.get(job.snapshot.model)
+            except Exception as exc:  # noqa: BLE001 - one line for the user, the trace in the log
+                log.exception("Loading %s failed", job.snapshot.model)
+                self._on_event(job, Failed(str(exc).splitlines()[0], None, None))
+                continue
+            if job.cancel.cancelled:
+                self._on_event(job, Cancelled(None, None))
+                continue
+            engine.generate(job.request, lambda e, job=job: self._on_event(job, e), job.cancel,
+                            job_id=job.snapshot.job_id)
+
+
+def past_jobs(outputs_dir: str | Path, limit: int = 50) -> list[dict]:
+    """Finished or stopped jobs with a video, newest first, read from their sidecars."""
+    out = []
+    folder = Path(outputs_dir)
+    if not folder.is_dir():
+        return out
+    for path in sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        video = record.get("video")
+        if record.get("status") in (FINISHED, CANCELLED) and video and Path(video).is_file():
+            record["sidecar"] = str(path)
+            out.append(record)
+        if len(out) >= limit:
+            break
+    return out

@@ -1,0 +1,222 @@
+"""The web app in a real browser (Debian's chromium driven by Playwright) and through gradio_client."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from conftest import REPO
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+playwright = pytest.importorskip("playwright.sync_api")
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium is not installed")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_url(tiny_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ui-outputs")
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FRAMEPACK_")}
+    env.update(FRAMEPACK_CACHE_DIR=str(tiny_root.parent), FRAMEPACK_OUTPUT_DIR=str(out), PYTHONUNBUFFERED="1",
+               GRADIO_ANALYTICS_ENABLED="False")
+    log = open(out / "app.log", "w")
+    proc = subprocess.Popen([sys.executable, "demo_gradio.py", "--tiny", "--port", str(port)], cwd=REPO, env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            break
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError((out / "app.log").read_text())
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        raise RuntimeError("the app did not start in 120 s:\n" + (out / "app.log").read_text())
+    yield url, out
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with playwright.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def image_file(tmp_path, test_image):
+    path = tmp_path / "input.png"
+    Image.fromarray(test_image).save(path)
+    return path
+
+
+@pytest.fixture
+def page(browser, app_url):
+    url, _ = app_url
+    pg = browser.new_page(viewport={"width": 1400, "height": 1200})
+    pg.goto(url)
+    pg.wait_for_selector("#start")
+    yield pg
+    # leave nothing running for the next test
+    from gradio_client import Client
+
+    client = Client(url, verbose=False)
+    for job in client.predict(api_name="/queue"):
+        if job["state"] in ("queued", "running"):
+            client.predict(job["job_id"], api_name="/cancel_job")
+    pg.close()
+
+
+def _set_slider(pg, elem_id: str, value) -> None:
+    box = pg.locator(f"#{elem_id} input[type=number]")
+    box.fill(str(value))
+    box.press("Enter")
+
+
+def _start(pg, image_file, prompt="a cat walks", seconds=None, steps=None):
+    pg.set_input_files("#input-image input[type=file]", str(image_file))
+    pg.fill("#prompt textarea", prompt)
+    if seconds is not None:
+        _set_slider(pg, "seconds", seconds)
+    if steps is not None:
+        _set_slider(pg, "steps", steps)
+    pg.click("#start")
+
+
+def _status(pg) -> str:
+    return pg.inner_text("#status")
+
+
+def _wait_status(pg, text: str, timeout_s: float = 90) -> str:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        s = _status(pg)
+        if text in s:
+            return s
+        time.sleep(0.3)
+    raise AssertionError(f"status never showed {text!r}; last: {_status(pg)!r}")
+
+
+def _video_playable(pg) -> dict:
+    pg.wait_for_selector("#result video", timeout=30_000)
+    return pg.eval_on_selector("#result video", """v => new Promise(done => {
+        const report = () => done({src: v.currentSrc, duration: v.duration, ready: v.readyState});
+        if (v.readyState >= 1) report(); else v.addEventListener('loadedmetadata', report, {once: true});
+        setTimeout(report, 10000);
+    })""")
+
+
+def test_generate_shows_preview_and_a_playable_video(page, image_file, app_url):
+    _start(page, image_file, seconds=2.4, steps=25)
+    page.wait_for_selector("#preview img", timeout=60_000)  # the latent preview appears while sampling
+    _wait_status(page, "Finished: 73 frames")
+    info = _video_playable(page)
+    assert info["src"].endswith(".mp4") and info["ready"] >= 1 and info["duration"] > 2.0
+    assert page.locator("#progress").inner_text() == ""  # the bar goes away when done
+    Path(REPO / "docs").mkdir(exist_ok=True)
+    page.screenshot(path=str(app_url[1] / "app.png"), full_page=True)
+
+
+def test_stop_keeps_finished_sections(page, image_file):
+    _start(page, image_file, seconds=20, steps=100)
+    _wait_status(page, "section 2/")  # sampling or decoding section 2: section 1 is done
+    page.click("#stop")
+    status = _wait_status(page, "Stopped", timeout_s=30)
+    assert "kept" in status
+    info = _video_playable(page)
+    assert info["duration"] > 1.0  # at least the first section's frames
+
+
+def test_reload_reattaches_to_the_running_job(page, image_file, browser, app_url):
+    _start(page, image_file, prompt="reload me", seconds=20, steps=100)
+    first = _wait_status(page, "section 1/")
+    job_id = first.split("job ")[-1].strip()
+    page.reload()
+    page.wait_for_selector("#start")
+    again = _wait_status(page, " section ")
+    assert job_id in again
+    page.click("#stop")
+    _wait_status(page, "Stopped", timeout_s=30)
+
+
+def test_queue_two_jobs_and_cancel_one(page, image_file, app_url):
+    from gradio_client import Client
+
+    _start(page, image_file, prompt="first job", seconds=20, steps=100)
+    _wait_status(page, "section 1/")
+    page.click("#start")  # same inputs: a second job waits in the queue
+    page.wait_for_function("document.querySelector('#queue-table').innerText.includes('queued')", timeout=15_000)
+    table = page.inner_text("#queue-table")
+    assert "running" in table and "queued" in table
+    jobs = Client(app_url[0], verbose=False).predict(api_name="/queue")
+    queued_id = next(j["job_id"] for j in jobs if j["state"] == "queued")
+    running_id = next(j["job_id"] for j in jobs if j["state"] == "running")
+    choice = page.locator("#job-choice input")
+    choice.fill(queued_id)
+    choice.press("Enter")
+    page.click("#cancel-job")
+    page.wait_for_function("document.querySelector('#queue-table').innerText.includes('cancelled')",
+                           timeout=15_000)
+    states = {j["job_id"]: j["state"] for j in Client(app_url[0], verbose=False).predict(api_name="/queue")}
+    assert states[queued_id] == "cancelled" and states[running_id] == "running"  # the first job is unaffected
+    page.click("#stop")
+    _wait_status(page, "Stopped", timeout_s=30)
+
+
+def test_bad_input_shows_a_message_not_a_trace(page):
+    page.fill("#prompt textarea", "no image")
+    page.click("#start")
+    status = _wait_status(page, "Cannot start")
+    assert "no input image" in status and "Traceback" not in page.content()
+
+
+def test_gallery_reuses_settings(page, image_file):
+    _start(page, image_file, prompt="gallery prompt", seconds=1, steps=3)
+    _wait_status(page, "Finished")
+    page.click("#past")
+    page.click("#refresh-gallery")
+    page.locator("#gallery .thumbnail-item").first.click(timeout=15_000)
+    page.wait_for_function("document.querySelector('#chosen-settings').innerText.includes('gallery prompt')",
+                           timeout=15_000)
+    page.fill("#prompt textarea", "something else")
+    page.click("#reuse")
+    page.wait_for_function("document.querySelector('#prompt textarea').value === 'gallery prompt'", timeout=15_000)
+    assert page.locator("#steps input[type=number]").input_value() == "3"
+
+
+def test_gradio_client_api(app_url, image_file):
+    from gradio_client import Client, handle_file
+
+    url, out = app_url
+    client = Client(url, verbose=False)
+    names = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
+    assert {"/generate", "/submit", "/stop", "/cancel_job", "/job_status", "/queue"} <= names
+    result = client.predict(image=handle_file(str(image_file)), prompt="api job", seconds=2.4, steps=3,
+                            api_name="/generate")
+    assert result["state"] == "finished" and result["frames"] == 73
+    video = Path(result["video"])
+    assert video.is_file() and video.parent == out
+    status = client.predict(result["job_id"], api_name="/job_status")
+    assert status["state"] == "finished" and status["video"] == result["video"]
+    rejected = client.predict(image=handle_file(str(image_file)), prompt="x", seconds=0, api_name="/generate")
+    assert rejected["state"] == "rejected" and "video length" in rejected["error"]
