@@ -53,6 +53,11 @@ def as_rgb(image) -> np.ndarray:
         arr = np.clip(arr, 0, 255).astype(np.uint8)
     if arr.shape[0] < 16 or arr.shape[1] < 16:
         raise InputError(f"image is too small ({arr.shape[1]}x{arr.shape[0]}); at least 16x16 pixels")
+    if arr.shape[0] * arr.shape[1] > MAX_IMAGE_PIXELS:
+        raise InputError(f"image is too large ({arr.shape[1]}x{arr.shape[0]}); at most {MAX_IMAGE_PIXELS} pixels")
+    if max(arr.shape[:2]) > 16 * min(arr.shape[:2]):
+        raise InputError(f"image is too thin ({arr.shape[1]}x{arr.shape[0]}); the longer side can be at most 16 "
+                         "times the shorter")
     return np.ascontiguousarray(arr[..., :3])
 
 

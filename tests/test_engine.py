@@ -127,6 +127,8 @@ def test_teacache_skips_steps_and_threshold_zero_is_lossless(tiny_bundles, tmp_p
     (dict(seconds=-1), "video length"),
     (dict(steps=0), "steps must be"),
     (dict(image=np.zeros((8, 8, 3), np.uint8)), "too small"),
+    (dict(image=np.zeros((16, 4000, 3), np.uint8)), "too thin"),
+    (dict(image=np.zeros((9000, 9000, 1), np.uint8)[..., 0]), "too large"),
 ])
 def test_bad_requests_fail_with_a_message_and_no_video(tiny_bundles, tmp_path, test_image, kw, message):
     engine = _engine(tiny_bundles, "tiny", tmp_path)
