@@ -88,14 +88,20 @@ def test_same_seed_same_video_and_other_seed_differs(tiny_bundles, tmp_path, tes
     assert not np.array_equal(a, c)
 
 
-def test_cancel_mid_section_keeps_finished_sections(tiny_bundles, tmp_path, test_image):
-    engine = _engine(tiny_bundles, "tiny", tmp_path)
+def _cancel_at(engine, request, section: int, step: int) -> list:
+    """Run a job and press stop when it reports (section, step); returns every event."""
     cancel = CancelToken()
     events = []
-    for event in iter_events(engine, _request(test_image, seconds=3.6, steps=4), cancel):
+    for event in iter_events(engine, request, cancel):
         events.append(event)
-        if isinstance(event, StepProgress) and event.section == 2 and event.step == 2:
+        if isinstance(event, StepProgress) and (event.section, event.step) == (section, step):
             cancel.cancel()
+    return events
+
+
+def test_cancel_mid_section_keeps_finished_sections(tiny_bundles, tmp_path, test_image):
+    engine = _engine(tiny_bundles, "tiny", tmp_path)
+    events = _cancel_at(engine, _request(test_image, seconds=3.6, steps=4), section=2, step=2)
     final = events[-1]
     assert isinstance(final, Cancelled)
     assert not any(isinstance(e, StepProgress) and e.section == 2 and e.step > 2 for e in events)
@@ -159,12 +165,7 @@ def test_background_decode_same_frames_and_order(tiny_bundles, tmp_path, test_im
 def test_background_decode_keeps_sections_on_cancel(tiny_bundles, tmp_path, test_image):
     engine = Engine(tiny_bundles["tiny"], Placement(torch.device("cpu"), "full"), outputs_dir=tmp_path,
                     async_decode="on")
-    cancel = CancelToken()
-    events = []
-    for event in iter_events(engine, _request(test_image, seconds=3.6, steps=3), cancel):
-        events.append(event)
-        if isinstance(event, StepProgress) and event.section == 3 and event.step == 1:
-            cancel.cancel()
+    events = _cancel_at(engine, _request(test_image, seconds=3.6, steps=3), section=3, step=1)
     final = events[-1]
     assert isinstance(final, Cancelled)
     assert [e.section for e in events if isinstance(e, SectionFinished)] == [1, 2]  # both sampled sections kept
