@@ -25,7 +25,8 @@ from diffusers_helper.loading import WeightsMissingError
 from diffusers_helper.request import GenerationRequest, InputError
 from diffusers_helper.service import EngineProvider
 from diffusers_helper.settings import Settings
-from diffusers_helper.startup import decode_options, device_arg, model_name, placement_override, start
+from diffusers_helper.startup import (decode_options, device_arg, model_name, placement_override, speed_options,
+                                      start)
 
 log = logging.getLogger("framepack.app")
 
@@ -345,7 +346,8 @@ def create(argv=None) -> tuple[gr.Blocks, App, Settings]:
     labels = dict(sorted(labels.items(), key=lambda kv: kv[1] != model))  # the chosen model first
     provider = EngineProvider(models_dir=s.models_dir or None, offline=True if (s.offline or s.tiny) else None,
                               device=device_arg(s), outputs_dir=s.output_dir, placement=placement_override(s),
-                              decode_options=decode_options(s), async_decode=s.async_decode)
+                              decode_options=decode_options(s), async_decode=s.async_decode,
+                              speed=speed_options(s))
     log.info("Loading %s models before the UI starts", model)
     try:
         provider.get(model)

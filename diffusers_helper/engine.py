@@ -32,6 +32,7 @@ from .preview import latent_preview
 from .request import GenerationRequest, InputError
 from .sampling import CancelToken, Guidance, JobCancelled, StepInfo, draw_noise, sample_section
 from .sections import SectionSchedule, frame_count, section_count
+from .speed import SpeedOptions, apply_speed
 from .teacache import attach_teacache
 from .vae_plan import DecodeOptions
 from .video import write_json, write_mp4, write_png
@@ -74,12 +75,14 @@ class _JobFiles:
 
 class Engine:
     def __init__(self, bundle, placement: Placement | None = None, outputs_dir: str | Path = "outputs",
-                 decode_options: DecodeOptions | None = None, async_decode: str = "auto"):
+                 decode_options: DecodeOptions | None = None, async_decode: str = "auto",
+                 speed: SpeedOptions | None = None):
         self.bundle = bundle
         self.spec = bundle.spec
         self.placement = placement or Placement.choose(torch.device("cpu"))
         self.teacache = attach_teacache(bundle.transformer)  # before placement: offload hooks must wrap it
         self.placement.prepare(bundle)
+        self.speed = apply_speed(bundle.transformer, speed or SpeedOptions(), self.placement.compute_device())
         self.decoder = SectionDecoder(bundle.vae, decode_options)
         self.base_decode_options = self.decoder.options
         self.model_dtype = bundle.transformer.dtype

@@ -121,13 +121,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
-    from .startup import apply_runtime_flags, decode_options, placement_override
+    from .startup import apply_runtime_flags, decode_options, placement_override, speed_options
 
     for line in apply_runtime_flags(loaded.settings):
         logging.getLogger("framepack.startup").info(line)
     placement = Placement.choose(pick_device(args.device), placement_override(loaded.settings))
     engine = Engine(bundle, placement, outputs_dir=args.output, decode_options=decode_options(loaded.settings),
-                    async_decode=loaded.settings.async_decode)
+                    async_decode=loaded.settings.async_decode, speed=speed_options(loaded.settings))
     cancel = CancelToken()
     signal.signal(signal.SIGINT, lambda *_: cancel.cancel())
     bar = None

@@ -23,7 +23,7 @@ log = logging.getLogger("framepack.service")
 class EngineProvider:
     def __init__(self, *, models_dir: str | None = None, offline: bool | None = None, device: str | None = None,
                  outputs_dir: str | Path = "outputs", placement: str | None = None, decode_options=None,
-                 async_decode: str = "auto"):
+                 async_decode: str = "auto", speed=None):
         self.models_dir = models_dir
         self.offline = offline
         self.device = pick_device(device)
@@ -31,6 +31,7 @@ class EngineProvider:
         self.placement_override = placement
         self.decode_options = decode_options
         self.async_decode = async_decode
+        self.speed = speed
         self._engine: Engine | None = None
         self._lock = threading.Lock()
 
@@ -59,5 +60,6 @@ class EngineProvider:
             bundle = ModelBundle(spec=spec, **keep, **{n: getattr(fresh, n) for n in missing})
             placement = Placement.choose(self.device, self.placement_override)
             self._engine = Engine(bundle, placement, outputs_dir=self.outputs_dir,
-                                  decode_options=self.decode_options, async_decode=self.async_decode)
+                                  decode_options=self.decode_options, async_decode=self.async_decode,
+                                  speed=self.speed)
             return self._engine

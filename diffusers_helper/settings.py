@@ -133,13 +133,16 @@ class Settings:
     # -- speed: attention, compile, precision ------------------------------------------------------------
     xformers_mode: str = _s("standard", "FRAMEPACK_XFORMERS_MODE", ["--xformers-mode"],
                             "standard: fastest PyTorch SDPA kernel; aggressive: xFormers; off: plain math",
-                            choices=("standard", "aggressive", "off"), group="speed", status=PLANNED, note=_V6)
+                            choices=("standard", "aggressive", "off"), group="speed")
+    attention_backend: str = _s("auto", "FRAMEPACK_ATTENTION_BACKEND", ["--attention-backend"],
+                                "attention kernel through diffusers' dispatcher (auto: from xformers_mode and the GPU)",
+                                choices=("auto", "native", "cudnn", "flash", "efficient", "math", "xformers", "sage",
+                                         "flash-attn"), group="speed")
     enable_compile: bool = _s(False, "FRAMEPACK_ENABLE_COMPILE", ["--enable-compile"],
-                              "torch.compile the repeated transformer blocks", group="speed", status=PLANNED,
-                              note=_V6)
+                              "torch.compile the repeated transformer blocks (kernels cached on disk)", group="speed")
     compile_mode: str = _s("default", "FRAMEPACK_COMPILE_MODE", ["--compile-mode"], "torch.compile mode",
                            choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
-                           group="speed", status=PLANNED, note=_V6)
+                           group="speed")
     fast_start: bool = _s(False, "FRAMEPACK_FAST_START", ["--fast-start"],
                           "skip compile warm-up and optimized-model caching at start-up", group="speed",
                           status=PLANNED, note=_V6)

@@ -65,6 +65,14 @@ def decode_options(settings: Settings):
                          trt_max_cached_shapes=settings.trt_max_cached_shapes)
 
 
+def speed_options(settings: Settings):
+    from .speed import SpeedOptions
+
+    return SpeedOptions(attention=settings.attention_backend, xformers_mode=settings.xformers_mode,
+                        compile=settings.enable_compile and not settings.fast_start,
+                        compile_mode=settings.compile_mode, cache_dir=settings.cache_dir)
+
+
 def device_arg(settings: Settings) -> str | None:
     return None if settings.device == "auto" else settings.device
 

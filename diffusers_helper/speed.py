@@ -1,0 +1,96 @@
+"""Speed options for the transformer: attention backend and regional torch.compile.
+
+The attention backend goes through diffusers' attention dispatcher. "standard" picks PyTorch SDPA
+with the fastest kernel for the GPU (cuDNN attention on Hopper, which REFERENCE.md measured at 628
+TFLOP/s against 370 for PyTorch's flash kernel at FramePack's shape); "aggressive" forces xFormers;
+"off" leaves PyTorch's default SDPA dispatch. Regional compile compiles one dual-stream and one
+single-stream block graph and reuses them for all 60 blocks, with Inductor's caches on disk so a
+second launch does not compile again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("framepack.speed")
+
+BACKEND_NAMES = {"native": "native", "cudnn": "_native_cudnn", "flash": "_native_flash", "efficient":
+                 "_native_efficient", "math": "_native_math", "xformers": "xformers", "sage": "sage",
+                 "flash-attn": "flash"}
+REPEATED_BLOCKS = ["HunyuanVideoTransformerBlock", "HunyuanVideoSingleTransformerBlock"]
+
+
+def choose_attention_backend(xformers_mode: str, requested: str, device: torch.device) -> str:
+    """Backend name (our spelling) from the settings and the GPU."""
+    if requested != "auto":
+        return requested
+    if xformers_mode == "aggressive":
+        return "xformers"
+    if xformers_mode == "off" or device.type != "cuda":
+        return "native"
+    major, _ = torch.cuda.get_device_capability(device)
+    return "cudnn" if major >= 9 else "native"
+
+
+def set_attention_backend(transformer, backend: str) -> str:
+    """Apply a backend; a backend that cannot run here falls back to native SDPA, and the log says so."""
+    name = BACKEND_NAMES.get(backend)
+    if name is None:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKEND_NAMES)}")
+    try:
+        transformer.set_attention_backend(name)
+    except Exception as exc:  # noqa: BLE001 - missing package, wrong GPU: fall back, say why
+        log.warning("Attention backend %s unavailable (%s); using PyTorch SDPA", backend,
+                    str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__)
+        transformer.set_attention_backend("native")
+        backend = "native"
+    log.info("Attention backend: %s", backend)
+    return backend
+
+
+def use_compile_cache(cache_dir: str | Path) -> Path:
+    """Keep Inductor's FX-graph and autotuning caches in our cache folder, so they survive reboots."""
+    path = Path(cache_dir).resolve() / "torch_compile"
+    path.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(path))
+    os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
+    os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
+    return path
+
+
+def compile_blocks(transformer, mode: str = "default") -> int:
+    """Regional compile of the repeated blocks; returns how many blocks were compiled."""
+    if not hasattr(transformer, "compile_repeated_blocks"):
+        raise TypeError("this transformer has no compile_repeated_blocks (needs diffusers' ModelMixin)")
+    transformer._repeated_blocks = REPEATED_BLOCKS  # the FramePack class does not declare them
+    kwargs = {} if mode == "default" else {"mode": mode}
+    transformer.compile_repeated_blocks(dynamic=False, **kwargs)
+    count = sum(1 for m in transformer.modules() if m.__class__.__name__ in REPEATED_BLOCKS)
+    log.info("torch.compile enabled for transformer (%d repeated blocks, mode %s)", count, mode)
+    return count
+
+
+@dataclass(frozen=True)
+class SpeedOptions:
+    attention: str = "auto"  # our backend spelling, or auto
+    xformers_mode: str = "standard"
+    compile: bool = False
+    compile_mode: str = "default"
+    cache_dir: str = "cache"
+
+
+def apply_speed(transformer, options: SpeedOptions, device: torch.device) -> dict:
+    """Attention backend, then regional compile; returns what is active, for the log and sidecars."""
+    backend = set_attention_backend(transformer, choose_attention_backend(options.xformers_mode, options.attention,
+                                                                          device))
+    compiled = 0
+    if options.compile and not getattr(transformer, "_framepack_compiled", False):
+        use_compile_cache(options.cache_dir)
+        compiled = compile_blocks(transformer, options.compile_mode)
+        transformer._framepack_compiled = True
+    return {"attention": backend, "compiled_blocks": compiled}
