@@ -347,7 +347,7 @@ def create(argv=None) -> tuple[gr.Blocks, App, Settings]:
     provider = EngineProvider(models_dir=s.models_dir or None, offline=True if (s.offline or s.tiny) else None,
                               device=device_arg(s), outputs_dir=s.output_dir, placement=placement_override(s),
                               decode_options=decode_options(s), async_decode=s.async_decode,
-                              speed=speed_options(s))
+                              speed=speed_options(s), fp8_storage=s.fp8_storage)
     log.info("Loading %s models before the UI starts", model)
     try:
         provider.get(model)

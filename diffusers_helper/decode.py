@@ -62,19 +62,29 @@ class SectionDecoder:
             self.last_plan = plan
             if plan.method == "spatial-tiles":
                 return self._spatial_tiles(z)
-            tile_fn = self._exact_tile(plan.chunk_budget_bytes)
-            if backend == "tensorrt" and plan.tile_latents is None:
-                if self._trt is None:
-                    o = self.options
-                    self._trt = TensorRTTileDecoder(vae, tile_fn, cache_dir=o.tensorrt_cache_dir,
-                                                    workspace_mb=o.trt_workspace_mb,
-                                                    aux_streams=o.trt_max_aux_streams,
-                                                    max_cached_shapes=o.trt_max_cached_shapes)
-                self._trt.fallback = tile_fn
-                tile, stride = stock_tiling(vae)
-                return tiled_decode(vae, z, tile, stride, self._trt).cpu()
-            return decode_exact(vae, z, plan.chunk_budget_bytes, plan.tile_latents,
-                                self.options.max_attention_tokens).cpu()
+            try:
+                return self._planned(z, plan, backend)
+            except torch.cuda.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                log.warning("Out of GPU memory while decoding; retrying this section with spatial tiles")
+                self.last_plan = DecodePlan("spatial-tiles", None, plan.chunk_budget_bytes,
+                                            "out of memory in the planned decode: spatial tiles (not exact)")
+                return self._spatial_tiles(z)
+
+    def _planned(self, z: torch.Tensor, plan: DecodePlan, backend: str) -> torch.Tensor:
+        vae = self.vae
+        tile_fn = self._exact_tile(plan.chunk_budget_bytes)
+        if backend == "tensorrt" and plan.tile_latents is None:
+            if self._trt is None:
+                o = self.options
+                self._trt = TensorRTTileDecoder(vae, tile_fn, cache_dir=o.tensorrt_cache_dir,
+                                                workspace_mb=o.trt_workspace_mb, aux_streams=o.trt_max_aux_streams,
+                                                max_cached_shapes=o.trt_max_cached_shapes)
+            self._trt.fallback = tile_fn
+            tile, stride = stock_tiling(vae)
+            return tiled_decode(vae, z, tile, stride, self._trt).cpu()
+        return decode_exact(vae, z, plan.chunk_budget_bytes, plan.tile_latents,
+                            self.options.max_attention_tokens).cpu()
 
     def _spatial_tiles(self, z: torch.Tensor) -> torch.Tensor:
         was = self.vae.use_tiling

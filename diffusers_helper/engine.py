@@ -27,6 +27,7 @@ from .decode import SectionDecoder, VideoAccumulator
 from .finisher import SectionFinisher
 from .events import (TERMINAL, Cancelled, Event, Failed, Finished, SectionFinished, Stage,
                      StepProgress)
+from .memory import store_weights_in_fp8
 from .placement import MemoryPolicy, Placement
 from .preview import latent_preview
 from .request import GenerationRequest, InputError
@@ -76,10 +77,13 @@ class _JobFiles:
 class Engine:
     def __init__(self, bundle, placement: Placement | None = None, outputs_dir: str | Path = "outputs",
                  decode_options: DecodeOptions | None = None, async_decode: str = "auto",
-                 speed: SpeedOptions | None = None):
+                 speed: SpeedOptions | None = None, fp8_storage: bool = False):
         self.bundle = bundle
         self.spec = bundle.spec
         self.placement = placement or Placement.choose(torch.device("cpu"))
+        if fp8_storage and not getattr(bundle.transformer, "_framepack_fp8_storage", False):
+            store_weights_in_fp8(bundle.transformer, bundle.transformer.dtype)
+            bundle.transformer._framepack_fp8_storage = True
         self.teacache = attach_teacache(bundle.transformer)  # before placement: offload hooks must wrap it
         self.placement.prepare(bundle)
         self.speed = apply_speed(bundle.transformer, speed or SpeedOptions(), self.placement.compute_device())
@@ -124,6 +128,17 @@ class Engine:
         if aggressive:
             log.info("Aggressive mode: Larger chunks and higher memory utilization enabled")
         self._set_precision(request.mixed_precision)
+
+    def _recover_from_oom(self) -> str | None:
+        """Free what can be freed and move to a more frugal placement; None when there is none left."""
+        import gc
+
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if self.dtype != self.model_dtype:
+            return None  # float32 needs the transformer resident; a smaller policy cannot help
+        return self.placement.degrade(self.bundle)
 
     def _set_precision(self, mixed: bool) -> None:
         """Mixed precision off computes the transformer in float32 (twice the memory, no rounding)."""
@@ -270,10 +285,23 @@ class Engine:
                     emit(StepProgress(section=k + 1, sections=sections, step=info.step + 1, steps=info.steps,
                                       preview=latent_preview(info.denoised), elapsed_s=time.perf_counter() - t0))
 
-                latents = sample_section(b.transformer, noise=noise, steps=request.steps,
-                                         positive={**positive, **section_kwargs},
-                                         negative={**negative, **section_kwargs}, guidance=guidance,
-                                         dtype=dtype, device=device, on_step=on_step, cancel=cancel)
+                while True:
+                    try:
+                        latents = sample_section(b.transformer, noise=noise, steps=request.steps,
+                                                 positive={**positive, **section_kwargs},
+                                                 negative={**negative, **section_kwargs}, guidance=guidance,
+                                                 dtype=dtype, device=device, on_step=on_step, cancel=cancel)
+                        break
+                    except torch.cuda.OutOfMemoryError:
+                        policy = self._recover_from_oom()
+                        if policy is None:
+                            raise
+                        msg = (f"Out of GPU memory in section {k + 1}/{sections}: switched to {policy} placement, "
+                               "retrying the section")
+                        log.warning(msg)
+                        record.setdefault("oom_recoveries", []).append(msg)
+                        emit(Stage(msg))
+                        teacache.reset(request.steps)  # the same noise: the retry gives the same section
                 schedule.add(k, latents)
                 note = ""
                 if request.use_teacache:

@@ -127,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("framepack.startup").info(line)
     placement = Placement.choose(pick_device(args.device), placement_override(loaded.settings))
     engine = Engine(bundle, placement, outputs_dir=args.output, decode_options=decode_options(loaded.settings),
-                    async_decode=loaded.settings.async_decode, speed=speed_options(loaded.settings))
+                    async_decode=loaded.settings.async_decode, speed=speed_options(loaded.settings),
+                    fp8_storage=loaded.settings.fp8_storage)
     cancel = CancelToken()
     signal.signal(signal.SIGINT, lambda *_: cancel.cancel())
     bar = None

@@ -17,18 +17,12 @@ from typing import Callable
 
 import torch
 
+from .memory import choose_policy, get_cuda_free_memory_gb, get_free_ram_gb, model_bytes
+
 log = logging.getLogger("framepack.placement")
 
 HIGH_VRAM_GB = 60.0
 STREAMED = ("transformer", "text_encoder")
-
-
-def get_cuda_free_memory_gb(device: torch.device | None = None) -> float:
-    if not torch.cuda.is_available():
-        return 0.0
-    device = device or torch.device("cuda")
-    free, _total = torch.cuda.mem_get_info(device)
-    return free / 1024**3
 
 
 def pick_device(requested: str | None = None) -> torch.device:
@@ -41,10 +35,6 @@ def _is_streamed(model) -> bool:
     from diffusers.hooks.group_offloading import _is_group_offload_enabled
 
     return _is_group_offload_enabled(model)
-
-
-def model_bytes(model) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def _on_device(model, device: torch.device) -> bool:
@@ -64,7 +54,7 @@ class MemoryPolicy:
 @dataclass
 class Placement:
     device: torch.device
-    policy: str  # "full" or "swap"
+    policy: str  # "full", "swap" or "swap-lowram"
     memory: MemoryPolicy = field(default_factory=MemoryPolicy)
     # (free, used) bytes on the device; replaceable so the decisions can be tested without a GPU
     probe: Callable[[], tuple[int, int]] | None = None
@@ -79,16 +69,23 @@ class Placement:
 
     @classmethod
     def choose(cls, device: torch.device, override: str | None = None) -> "Placement":
-        if override:
-            log.info("Using %s placement (requested)", override)
-            return cls(device, override)
-        if device.type != "cuda":
+        if device.type != "cuda" and not override:
             log.info("Using full placement: computing on %s", device)
             return cls(device, "full")
-        free = get_cuda_free_memory_gb(device)
-        policy = "full" if free > HIGH_VRAM_GB else "swap"
-        log.info("Using %s placement: %.1f GB free VRAM (full needs > %.0f GB)", policy, free, HIGH_VRAM_GB)
-        return cls(device, policy)
+        choice = choose_policy(get_cuda_free_memory_gb(device), get_free_ram_gb(), override=override,
+                               everything_gb=HIGH_VRAM_GB)
+        log.info("Using %s placement: %s", choice.policy, choice.reason)
+        return cls(device, choice.policy)
+
+    def degrade(self, bundle) -> str | None:
+        """After an out-of-memory error: the next more frugal policy, applied now; None if none is left."""
+        if self.policy != "full":
+            return None
+        for model in bundle.models().values():
+            model.to("cpu")
+        self.policy = "swap"
+        self.prepare(bundle)
+        return self.policy
 
     def prepare(self, bundle) -> None:
         """One-time set-up after loading."""
@@ -101,15 +98,14 @@ class Placement:
             model = models.get(name)
             if model is None or _is_streamed(model):
                 continue  # a part reused from the previous model keeps its hooks
-            if hasattr(model, "enable_group_offload"):
-                model.enable_group_offload(self.device, offload_type="block_level", num_blocks_per_group=1,
-                                           use_stream=True)
-            else:
-                from diffusers.hooks import apply_group_offloading
+            from diffusers.hooks import apply_group_offloading
 
-                apply_group_offloading(model, self.device, offload_type="block_level", num_blocks_per_group=1,
-                                       use_stream=True)
-            log.info("Streaming %s block by block to %s", name, self.device)
+            # side-stream prefetch needs pinned RAM; "swap-lowram" pins each group only while it moves
+            stream = self.device.type == "cuda"
+            apply_group_offloading(model, self.device, offload_type="block_level", num_blocks_per_group=1,
+                                   use_stream=stream, low_cpu_mem_usage=self.policy == "swap-lowram")
+            log.info("Streaming %s block by block to %s%s", name, self.device,
+                     "" if self.policy == "swap" else " (unpinned: little free RAM)")
 
     def use(self, bundle, *names: str) -> list[str]:
         """Make the named models ready on the device. Under "swap", other models go back to the CPU

@@ -23,7 +23,7 @@ log = logging.getLogger("framepack.service")
 class EngineProvider:
     def __init__(self, *, models_dir: str | None = None, offline: bool | None = None, device: str | None = None,
                  outputs_dir: str | Path = "outputs", placement: str | None = None, decode_options=None,
-                 async_decode: str = "auto", speed=None):
+                 async_decode: str = "auto", speed=None, fp8_storage: bool = False):
         self.models_dir = models_dir
         self.offline = offline
         self.device = pick_device(device)
@@ -32,6 +32,7 @@ class EngineProvider:
         self.decode_options = decode_options
         self.async_decode = async_decode
         self.speed = speed
+        self.fp8_storage = fp8_storage
         self._engine: Engine | None = None
         self._lock = threading.Lock()
 
@@ -61,5 +62,5 @@ class EngineProvider:
             placement = Placement.choose(self.device, self.placement_override)
             self._engine = Engine(bundle, placement, outputs_dir=self.outputs_dir,
                                   decode_options=self.decode_options, async_decode=self.async_decode,
-                                  speed=self.speed)
+                                  speed=self.speed, fp8_storage=self.fp8_storage)
             return self._engine

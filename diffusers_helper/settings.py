@@ -126,6 +126,9 @@ class Settings:
                                          "swap models to the CPU only when VRAM in use would exceed this (GB)",
                                          min=0.0,
                                          max=128.0, group="memory")
+    fp8_storage: bool = _s(False, "FRAMEPACK_FP8_STORAGE", ["--fp8-storage"],
+                           "store transformer weights in FP8 and compute in bf16 (half the weight memory)",
+                           group="memory")
     bnb_cpu_offload: bool = _s(False, "FRAMEPACK_BNB_CPU_OFFLOAD", ["--bnb-cpu-offload"],
                                "offload quantized models to CPU when idle", group="memory", status=PLANNED,
                                note=_V6)

@@ -50,11 +50,9 @@ class _HeadHook(ModelHook):
         self.states, self.config, self.stats = states, config, stats
 
     def new_forward(self, module, hidden_states, encoder_hidden_states, temb, *args, **kwargs):
-        st = self.states.get_state()
-        if not self.config.enabled:
-            st.compute = True
-            st.block_input = None
+        if not self.config.enabled:  # off: no state, so callers need no cache context
             return self.fn_ref.original_forward(hidden_states, encoder_hidden_states, temb, *args, **kwargs)
+        st = self.states.get_state()
         modulated = module.norm1(hidden_states, emb=temb)[0]
         if st.count == 0 or st.count == self.config.num_steps - 1 or st.residual is None:
             compute = True
@@ -81,12 +79,12 @@ class _SkipHook(ModelHook):
 
     _is_stateful = True
 
-    def __init__(self, states: StateManager):
+    def __init__(self, states: StateManager, config: TeaCacheConfig):
         super().__init__()
-        self.states = states
+        self.states, self.config = states, config
 
     def new_forward(self, module, hidden_states, encoder_hidden_states, *args, **kwargs):
-        if not self.states.get_state().compute:
+        if self.config.enabled and not self.states.get_state().compute:
             return hidden_states, encoder_hidden_states
         return self.fn_ref.original_forward(hidden_states, encoder_hidden_states, *args, **kwargs)
 
@@ -96,18 +94,18 @@ class _TailHook(ModelHook):
 
     _is_stateful = True
 
-    def __init__(self, states: StateManager):
+    def __init__(self, states: StateManager, config: TeaCacheConfig):
         super().__init__()
-        self.states = states
+        self.states, self.config = states, config
 
     def new_forward(self, module, hidden_states, encoder_hidden_states, *args, **kwargs):
+        if not self.config.enabled:
+            return self.fn_ref.original_forward(hidden_states, encoder_hidden_states, *args, **kwargs)
         st = self.states.get_state()
         if not st.compute:
             return hidden_states + st.residual, encoder_hidden_states
         out_hidden, out_encoder = self.fn_ref.original_forward(hidden_states, encoder_hidden_states, *args,
                                                                **kwargs)
-        if st.block_input is None:  # TeaCache is off: nothing to remember
-            return out_hidden, out_encoder
         st.residual = out_hidden - st.block_input
         st.block_input = None
         return out_hidden, out_encoder
@@ -133,9 +131,9 @@ class TeaCache:
             if i == 0:
                 hook, name = _HeadHook(self._states, self.config, self.stats), _HEAD
             elif i == len(blocks) - 1:
-                hook, name = _TailHook(self._states), _TAIL
+                hook, name = _TailHook(self._states, self.config), _TAIL
             else:
-                hook, name = _SkipHook(self._states), _SKIP
+                hook, name = _SkipHook(self._states, self.config), _SKIP
             registry.register_hook(hook, name)
             self._registries.append((registry, name))
         self._root = HookRegistry.check_if_exists_or_initialize(transformer)
