@@ -13,12 +13,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from .memory import EVERYTHING_GB as FULL_PLACEMENT_GB
 from .settings import Settings
 
 log = logging.getLogger("framepack.compat")
 
 CRITICAL, WARNING, INFO = "critical", "warning", "info"
-FULL_PLACEMENT_GB = 60.0  # every model on one GPU: transformer 26 GB + Llama 16 GB + activations
 
 
 @dataclass(frozen=True)

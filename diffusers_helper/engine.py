@@ -310,7 +310,7 @@ class Engine:
                 if not self.background_decode:
                     emit(Stage(f"Decoding section {k + 1}/{sections}"))
                     self.placement.use(b, "vae")
-                finisher.submit(k, sections, schedule.newest_latents(k)[0], note)
+                finisher.submit(k, sections, schedule.newest_latents(k), note)
                 cancel.raise_if_cancelled()
             finisher.drain()
         except BaseException:

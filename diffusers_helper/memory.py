@@ -16,6 +16,8 @@ import torch
 log = logging.getLogger("framepack.memory")
 
 GB = 1024**3
+EVERYTHING_GB = 60.0  # every model on one GPU: transformer 26 GB + Llama 16 GB + activations (the original's
+# high-VRAM threshold)
 # Fragmentation-resistant allocator settings for small GPUs (read by PyTorch at its first CUDA call).
 ALLOC_CONF_LOW_VRAM = "expandable_segments:True,max_split_size_mb=128"
 
@@ -141,7 +143,7 @@ class PolicyChoice:
 
 
 def choose_policy(free_vram_gb: float, free_ram_gb: float, transformer_gb: float = 26.0,
-                  everything_gb: float = 60.0, override: str | None = None) -> PolicyChoice:
+                  everything_gb: float = EVERYTHING_GB, override: str | None = None) -> PolicyChoice:
     """Everything on the GPU when it fits; else stream the transformer from pinned RAM (fast
     transfers) when RAM holds it with room to spare; else stream from pageable RAM (no pinned copy)."""
     if override:

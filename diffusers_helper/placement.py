@@ -17,11 +17,10 @@ from typing import Callable
 
 import torch
 
-from .memory import choose_policy, get_cuda_free_memory_gb, get_free_ram_gb, model_bytes
+from .memory import EVERYTHING_GB, choose_policy, get_cuda_free_memory_gb, get_free_ram_gb, model_bytes
 
 log = logging.getLogger("framepack.placement")
 
-HIGH_VRAM_GB = 60.0
 STREAMED = ("transformer", "text_encoder")
 
 
@@ -73,7 +72,7 @@ class Placement:
             log.info("Using full placement: computing on %s", device)
             return cls(device, "full")
         choice = choose_policy(get_cuda_free_memory_gb(device), get_free_ram_gb(), override=override,
-                               everything_gb=HIGH_VRAM_GB)
+                               everything_gb=EVERYTHING_GB)
         log.info("Using %s placement: %s", choice.policy, choice.reason)
         return cls(device, choice.policy)
 

@@ -108,15 +108,16 @@ class SectionSchedule:
             return self.history[:, :, : self.generated_frames]
         return self.history[:, :, -self.generated_frames:]
 
-    def newest_latents(self, k: int) -> tuple[torch.Tensor, bool]:
-        """Latents to decode after section k, and whether they are the whole video so far."""
+    def newest_latents(self, k: int) -> torch.Tensor:
+        """Latents to decode after section k: everything so far after the first section, then only
+        the newest part the video needs (the rest is cross-faded from what was decoded before)."""
         lat = self.video_latents
         if k == 0:
-            return lat, True
+            return lat
         if self.mode == "inverted":
             n = self.window * 2 + (1 if self.is_last(k) else 0)
-            return lat[:, :, :n], False
-        return lat[:, :, -self.window * 2:], False
+            return lat[:, :, :n]
+        return lat[:, :, -self.window * 2:]
 
     @property
     def overlap_frames(self) -> int:
