@@ -120,7 +120,8 @@ def bench_config(name, transformer, cond, noise, dtype, device, repeats, flops, 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m diffusers_helper.bench", description=__doc__.splitlines()[0])
     ap.add_argument("--configs", default="eager,cudnn,compile,compile+cudnn",
-                    help="comma-separated: eager, cudnn, flash, compile, compile+cudnn, compile+flash")
+                    help="comma-separated, bf16 before fp8 and eager before compile: eager, cudnn, flash, "
+                         "compile, compile+cudnn, fp8, compile+fp8")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--fidelity-steps", type=int, default=8)
     ap.add_argument("--out", default=None, help="write the results as JSON")
@@ -141,13 +142,21 @@ def main(argv=None) -> int:
     compiled = False
     for name in [c.strip() for c in args.configs.split(",") if c.strip()]:
         parts = name.split("+")
+        if "fp8" in parts and not getattr(transformer, "_framepack_fp8", False):
+            from .fp8 import convert_to_fp8
+
+            convert_to_fp8(transformer)
+            transformer._framepack_fp8 = True
+        if "fp8" not in parts and getattr(transformer, "_framepack_fp8", False):
+            log.warning("%s skipped: bf16 configurations must come before FP8 ones", name)
+            continue
         if "compile" in parts and not compiled:
             compile_blocks(transformer)
             compiled = True
         if "compile" not in parts and compiled:
             log.warning("%s skipped: eager configurations must come before compiled ones", name)
             continue
-        backend = next((p for p in parts if p != "compile" and p != "eager"), "native")
+        backend = next((p for p in parts if p not in ("compile", "eager", "fp8")), "native")
         set_attention_backend(transformer, backend)
         row, latents = bench_config(name, transformer, cond, noise, dtype, device, args.repeats, flops,
                                     args.fidelity_steps, reference)

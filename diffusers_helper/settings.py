@@ -174,17 +174,15 @@ class Settings:
                             note="removing layers of a distilled 13B model changes its output; not offered")
 
     # -- quantization ---------------------------------------------------------------------------------------
-    enable_fp8: bool = _s(False, "FRAMEPACK_ENABLE_FP8", ["--enable-fp8"], "FP8 linear layers (Ada/Hopper+)",
-                          group="quant", status=PLANNED, note=_V6)
+    enable_fp8: bool = _s(False, "FRAMEPACK_ENABLE_FP8", ["--enable-fp8"], "row-wise FP8 linears in the transformer blocks (FP8 matmuls on Ada/Hopper+)",
+                          group="quant")
     fp8_target_keys: list = _s([], "FRAMEPACK_FP8_TARGET_KEYS", ["--fp8-target-keys"],
                                "comma-separated module-name parts to convert (empty: all linears)", group="quant",
-                               kind="csv", status=PLANNED, note=_V6)
+                               kind="csv")
     fp8_exclude_keys: list = _s(["norm"], "FRAMEPACK_FP8_EXCLUDE_KEYS", ["--fp8-exclude-keys"],
-                                "comma-separated module-name parts to keep in bf16", group="quant", kind="csv",
-                                status=PLANNED, note=_V6)
+                                "comma-separated module-name parts to keep in bf16", group="quant", kind="csv")
     fp8_use_scaled_mm: bool = _s(True, "FRAMEPACK_FP8_USE_SCALED_MM", ["--fp8-use-scaled-mm"],
-                                 "row-wise scaled FP8 matmul (torch._scaled_mm)", group="quant", status=PLANNED,
-                                 note=_V6)
+                                 "row-wise scaled FP8 matmul (torch._scaled_mm)", group="quant")
     enable_quant: bool = _s(False, "FRAMEPACK_ENABLE_QUANT", ["--enable-quant"], "torchao INT-N weights",
                             group="quant", status=PLANNED, note=_V6)
     quant_bits: int = _s(8, "FRAMEPACK_QUANT_BITS", ["--quant-bits"], "INT weight bits", choices=(4, 8),

@@ -82,15 +82,25 @@ class SpeedOptions:
     compile: bool = False
     compile_mode: str = "default"
     cache_dir: str = "cache"
+    fp8: bool = False
+    fp8_target_keys: tuple = ()
+    fp8_exclude_keys: tuple = ("norm",)
+    fp8_use_scaled_mm: bool = True
 
 
 def apply_speed(transformer, options: SpeedOptions, device: torch.device) -> dict:
-    """Attention backend, then regional compile; returns what is active, for the log and sidecars."""
+    """Attention backend, FP8 linears, then regional compile; returns what is active (log, sidecars)."""
     backend = set_attention_backend(transformer, choose_attention_backend(options.xformers_mode, options.attention,
                                                                           device))
+    fp8 = 0
+    if options.fp8 and not getattr(transformer, "_framepack_fp8", False):
+        from .fp8 import convert_to_fp8
+
+        fp8 = convert_to_fp8(transformer, options.fp8_target_keys, options.fp8_exclude_keys, options.fp8_use_scaled_mm)
+        transformer._framepack_fp8 = True
     compiled = 0
     if options.compile and not getattr(transformer, "_framepack_compiled", False):
         use_compile_cache(options.cache_dir)
         compiled = compile_blocks(transformer, options.compile_mode)
         transformer._framepack_compiled = True
-    return {"attention": backend, "compiled_blocks": compiled}
+    return {"attention": backend, "fp8_linears": fp8, "compiled_blocks": compiled}

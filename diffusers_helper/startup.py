@@ -70,7 +70,10 @@ def speed_options(settings: Settings):
 
     return SpeedOptions(attention=settings.attention_backend, xformers_mode=settings.xformers_mode,
                         compile=settings.enable_compile and not settings.fast_start,
-                        compile_mode=settings.compile_mode, cache_dir=settings.cache_dir)
+                        compile_mode=settings.compile_mode, cache_dir=settings.cache_dir, fp8=settings.enable_fp8,
+                        fp8_target_keys=tuple(settings.fp8_target_keys),
+                        fp8_exclude_keys=tuple(settings.fp8_exclude_keys),
+                        fp8_use_scaled_mm=settings.fp8_use_scaled_mm)
 
 
 def device_arg(settings: Settings) -> str | None:

@@ -89,12 +89,12 @@ def test_unknown_variable_suggests_nearest(tmp_path):
 
 
 def test_planned_and_unsupported_settings_say_so(tmp_path):
-    loaded = load(env={"FRAMEPACK_ENABLE_FP8": "1", "FRAMEPACK_JIT_MODE": "trace"}, tmp_path=tmp_path)
+    loaded = load(env={"FRAMEPACK_USE_BNB": "1", "FRAMEPACK_JIT_MODE": "trace"}, tmp_path=tmp_path)
     text = "\n".join(loaded.warnings)
-    assert "FRAMEPACK_ENABLE_FP8: not available in this version" in text
+    assert "FRAMEPACK_USE_BNB: not available in this version" in text
     assert "FRAMEPACK_JIT_MODE: not offered (TorchScript" in text
     # setting an active option, or a planned one to its default, warns about nothing
-    assert load(env={"FRAMEPACK_STEPS": "20", "FRAMEPACK_ENABLE_FP8": "0"}, tmp_path=tmp_path).warnings == []
+    assert load(env={"FRAMEPACK_STEPS": "20", "FRAMEPACK_USE_BNB": "0"}, tmp_path=tmp_path).warnings == []
 
 
 def test_booleans_and_lists(tmp_path):

@@ -60,4 +60,36 @@ def test_apply_speed_reports_what_is_active(tiny_root):
 
     t = load_models(tiny_spec("tiny", tiny_root), parts=["transformer"]).transformer
     active = apply_speed(t, SpeedOptions(attention="math"), torch.device("cpu"))
-    assert active == {"attention": "math", "compiled_blocks": 0}
+    assert active == {"attention": "math", "fp8_linears": 0, "compiled_blocks": 0}
+
+
+def test_fp8_linear_close_to_the_original():
+    from diffusers_helper.fp8 import FP8Linear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 32)
+    x = torch.randn(5, 7, 64)
+    f = FP8Linear(lin)
+    assert f.weight.dtype == torch.float8_e4m3fn and f.weight.element_size() == 1
+    err = ((f(x) - lin(x)).norm() / lin(x).norm()).item()
+    assert 0 < err < 0.05  # e4m3 weights: a few percent per layer, never exact
+
+
+def test_fp8_conversion_scope_and_fidelity(tiny_root):
+    from diffusers_helper.fp8 import FP8Linear, convert_to_fp8
+    from diffusers_helper.loading import load_models
+    from diffusers_helper.tiny import tiny_spec
+
+    t = load_models(tiny_spec("tiny", tiny_root), parts=["transformer"]).transformer
+    cond, noise = bench._inputs(t, 64, torch.float32, torch.device("cpu"))
+    run = bench._forward_fn(t, cond, noise, torch.float32, torch.device("cpu"))
+    ref = run()
+    n = convert_to_fp8(t)
+    fp8_names = [name for name, m in t.named_modules() if isinstance(m, FP8Linear)]
+    assert n == len(fp8_names) > 0
+    assert all(name.startswith(("transformer_blocks", "single_transformer_blocks")) for name in fp8_names)
+    assert not any("norm" in name for name in fp8_names)  # modulation linears stay in the compute dtype
+    err = ((run() - ref).norm() / ref.norm()).item()
+    assert err < 0.01  # stated tolerance: under 1% of the output
+    t2 = load_models(tiny_spec("tiny", tiny_root), parts=["transformer"]).transformer
+    assert convert_to_fp8(t2, target_keys=("attn",)) < n  # target keys narrow the set
