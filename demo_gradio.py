@@ -24,7 +24,7 @@ from diffusers_helper.jobs import ENDED, QUEUED, RUNNING, JobQueue, JobSnapshot,
 from diffusers_helper.loading import WeightsMissingError
 from diffusers_helper.request import GenerationRequest, InputError
 from diffusers_helper.service import EngineProvider
-from diffusers_helper.settings import Settings
+from diffusers_helper.settings import Settings, job_defaults
 from diffusers_helper.startup import (decode_options, device_arg, model_name, placement_override, speed_options,
                                       start)
 
@@ -91,13 +91,8 @@ class App:
 
 def default_values(d: Settings) -> dict:
     """The job controls' starting values, by GenerationRequest field name."""
-    return {"prompt": "", "negative_prompt": "", "seed": d.seed, "seconds": d.video_length,
-            "latent_window_size": d.latent_window_size, "steps": d.steps, "cfg": d.cfg, "gs": d.gs, "rs": d.rs,
-            "use_teacache": d.use_teacache, "gpu_memory_preservation_gb": d.gpu_memory_preservation,
-            "mp4_crf": d.mp4_crf, "quality_mode": d.quality_mode, "aggressive_gpu": d.aggressive_gpu,
-            "keep_models_in_gpu": d.keep_models_in_gpu, "chunk_size_multiplier": d.chunk_size_multiplier,
-            "max_chunk_size": d.max_chunk_size, "cpu_offload_threshold_gb": d.cpu_offload_threshold_gb,
-            "mixed_precision": d.mixed_precision, "batch_processing": d.batch_processing}
+    defaults = job_defaults(d)
+    return {"prompt": "", "negative_prompt": "", **{k: defaults[k] for k in CONTROL_FIELDS if k in defaults}}
 
 
 def progress_html(fraction: float, text: str) -> str:

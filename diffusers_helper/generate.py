@@ -28,13 +28,10 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser(defaults=None) -> argparse.ArgumentParser:
     """Flags default to the FRAMEPACK_* settings (config file and environment), then the original's values."""
-    from .settings import Settings
+    from .settings import Settings, job_defaults
 
     s = defaults or Settings()
-    d = GenerationRequest(prompt="", negative_prompt="", seed=s.seed, seconds=s.video_length,
-                          latent_window_size=s.latent_window_size, steps=s.steps, cfg=s.cfg, gs=s.gs, rs=s.rs,
-                          use_teacache=s.use_teacache, teacache_threshold=s.teacache_threshold, mp4_crf=s.mp4_crf,
-                          resolution=s.resolution or None)
+    d = GenerationRequest(prompt="", **job_defaults(s))
     p = _Parser(prog="python -m diffusers_helper.generate", description="FramePack image-to-video, headless.")
     p.add_argument("--image", required=True, help="input image file")
     p.add_argument("--prompt", required=True, help="what should happen in the video")
@@ -76,14 +73,13 @@ def request_from_args(args, settings=None) -> GenerationRequest:
 
 
 def performance_fields(settings) -> dict:
-    """The performance controls a job takes from the settings (the UI lets users change them)."""
-    from .settings import Settings
+    """The controls the CLI has no flag for, from the settings (the UI lets users change them)."""
+    from .settings import Settings, job_defaults
 
-    s = settings or Settings()
-    return dict(aggressive_gpu=s.aggressive_gpu, keep_models_in_gpu=s.keep_models_in_gpu,
-                chunk_size_multiplier=s.chunk_size_multiplier, max_chunk_size=s.max_chunk_size,
-                cpu_offload_threshold_gb=s.cpu_offload_threshold_gb, mixed_precision=s.mixed_precision,
-                batch_processing=s.batch_processing, gpu_memory_preservation_gb=s.gpu_memory_preservation)
+    defaults = job_defaults(settings or Settings())
+    return {k: defaults[k] for k in ("aggressive_gpu", "keep_models_in_gpu", "chunk_size_multiplier",
+                                     "max_chunk_size", "cpu_offload_threshold_gb", "mixed_precision",
+                                     "batch_processing", "gpu_memory_preservation_gb")}
 
 
 def main(argv: list[str] | None = None) -> int:

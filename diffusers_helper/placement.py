@@ -3,9 +3,11 @@
 Policies:
 - "full": every model stays on the compute device (the original's high-VRAM mode, > 60 GB free, and
   the only sensible choice on the CPU).
-- "swap": one model at a time on the GPU; the transformer and Llama, which do not fit a small GPU
-  whole, are streamed block by block with diffusers group offloading (pinned memory, prefetch on a
-  side stream) instead of the original's per-parameter moves.
+- "swap": the smaller models move to the GPU when used and back when room is needed; the transformer
+  and Llama, which do not fit a small GPU whole, are streamed block by block with diffusers group
+  offloading (pinned memory, prefetch on a side stream) instead of the original's per-parameter moves.
+- "swap-lowram": the same without a pinned copy of the weights, for machines short of RAM.
+The choice comes from free VRAM and RAM (memory.choose_policy) and steps down after an OOM.
 """
 
 from __future__ import annotations

@@ -302,6 +302,18 @@ class Settings:
                                       note=_V7)
 
 
+def job_defaults(s: "Settings") -> dict:
+    """Starting values of a job's controls, keyed by GenerationRequest field (UI, CLI and API share it)."""
+    return {"seed": s.seed, "seconds": s.video_length, "latent_window_size": s.latent_window_size, "steps": s.steps,
+            "cfg": s.cfg, "gs": s.gs, "rs": s.rs, "use_teacache": s.use_teacache,
+            "teacache_threshold": s.teacache_threshold, "gpu_memory_preservation_gb": s.gpu_memory_preservation,
+            "mp4_crf": s.mp4_crf, "resolution": s.resolution or None, "quality_mode": s.quality_mode,
+            "aggressive_gpu": s.aggressive_gpu, "keep_models_in_gpu": s.keep_models_in_gpu,
+            "chunk_size_multiplier": s.chunk_size_multiplier, "max_chunk_size": s.max_chunk_size,
+            "cpu_offload_threshold_gb": s.cpu_offload_threshold_gb, "mixed_precision": s.mixed_precision,
+            "batch_processing": s.batch_processing}
+
+
 # Names other tools use for the same setting (the seeds' config.yaml keys); resolved on read.
 CONFIG_ALIASES = {
     "enable_torch_compile": "enable_compile",
