@@ -23,10 +23,8 @@ from diffusers_helper.gpu_stats import gpu_status
 from diffusers_helper.jobs import ENDED, QUEUED, RUNNING, JobQueue, JobSnapshot, past_jobs
 from diffusers_helper.loading import WeightsMissingError
 from diffusers_helper.request import GenerationRequest, InputError
-from diffusers_helper.service import EngineProvider
 from diffusers_helper.settings import Settings, job_defaults
-from diffusers_helper.startup import (decode_options, device_arg, model_name, placement_override, speed_options,
-                                      start)
+from diffusers_helper.startup import engine_provider, model_name, start
 
 log = logging.getLogger("framepack.app")
 
@@ -339,10 +337,7 @@ def create(argv=None) -> tuple[gr.Blocks, App, Settings]:
     else:
         labels = {"FramePack": "framepack", "FramePack-F1": "f1"}
     labels = dict(sorted(labels.items(), key=lambda kv: kv[1] != model))  # the chosen model first
-    provider = EngineProvider(models_dir=s.models_dir or None, offline=True if (s.offline or s.tiny) else None,
-                              device=device_arg(s), outputs_dir=s.output_dir, placement=placement_override(s),
-                              decode_options=decode_options(s), async_decode=s.async_decode,
-                              speed=speed_options(s), fp8_storage=s.fp8_storage)
+    provider = engine_provider(s)
     log.info("Loading %s models before the UI starts", model)
     try:
         provider.get(model)

@@ -104,27 +104,21 @@ def main(argv: list[str] | None = None) -> int:
     # Heavy imports only after the input is known to be good.
     from tqdm import tqdm
 
-    from .engine import Engine, iter_events
+    from .engine import iter_events
     from .events import Cancelled, Failed, Finished, SectionFinished, Stage, StepProgress
-    from .loading import WeightsMissingError, load_models, resolve_spec
-    from .placement import Placement, pick_device
+    from .loading import WeightsMissingError
     from .sampling import CancelToken
-
-    try:
-        spec = resolve_spec(args.model, models_dir=args.models_dir)
-        bundle = load_models(spec, offline=True if args.offline else None)
-    except (WeightsMissingError, ValueError) as exc:
-        print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-
-    from .startup import apply_runtime_flags, decode_options, placement_override, speed_options
+    from .startup import apply_runtime_flags, engine_provider
 
     for line in apply_runtime_flags(loaded.settings):
         logging.getLogger("framepack.startup").info(line)
-    placement = Placement.choose(pick_device(args.device), placement_override(loaded.settings))
-    engine = Engine(bundle, placement, outputs_dir=args.output, decode_options=decode_options(loaded.settings),
-                    async_decode=loaded.settings.async_decode, speed=speed_options(loaded.settings),
-                    fp8_storage=loaded.settings.fp8_storage)
+    provider = engine_provider(loaded.settings, models_dir=args.models_dir, offline=True if args.offline else None,
+                               device=args.device, outputs_dir=args.output)
+    try:
+        engine = provider.get(args.model)
+    except (WeightsMissingError, ValueError) as exc:
+        print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     cancel = CancelToken()
     signal.signal(signal.SIGINT, lambda *_: cancel.cancel())
     bar = None

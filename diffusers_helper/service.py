@@ -23,7 +23,8 @@ log = logging.getLogger("framepack.service")
 class EngineProvider:
     def __init__(self, *, models_dir: str | None = None, offline: bool | None = None, device: str | None = None,
                  outputs_dir: str | Path = "outputs", placement: str | None = None, decode_options=None,
-                 async_decode: str = "auto", speed=None, fp8_storage: bool = False):
+                 async_decode: str = "auto", speed=None, fp8_storage: bool = False,
+                 opt_cache: str | None = None):
         self.models_dir = models_dir
         self.offline = offline
         self.device = pick_device(device)
@@ -33,6 +34,7 @@ class EngineProvider:
         self.async_decode = async_decode
         self.speed = speed
         self.fp8_storage = fp8_storage
+        self.opt_cache = opt_cache  # where FP8 transformers are cached, or None
         self._engine: Engine | None = None
         self._lock = threading.Lock()
 
@@ -56,6 +58,11 @@ class EngineProvider:
                 gc.collect()
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
+            cached_path = self._opt_cache_path(spec)
+            if cached_path is not None:
+                transformer = self._load_cached(cached_path, spec)
+                if transformer is not None:
+                    keep["transformer"] = transformer
             missing = [n for n in PART_NAMES if n not in keep]
             fresh = load_models(spec, offline=self.offline, parts=missing, progress=progress)
             bundle = ModelBundle(spec=spec, **keep, **{n: getattr(fresh, n) for n in missing})
@@ -63,4 +70,31 @@ class EngineProvider:
             self._engine = Engine(bundle, placement, outputs_dir=self.outputs_dir,
                                   decode_options=self.decode_options, async_decode=self.async_decode,
                                   speed=self.speed, fp8_storage=self.fp8_storage)
+            if cached_path is not None and "transformer" in missing:
+                from .opt_cache import save_optimized
+
+                save_optimized(bundle.transformer, cached_path, self._opt_key(spec))
             return self._engine
+
+    def _opt_key(self, spec) -> str:
+        from .opt_cache import cache_key
+
+        s = self.speed
+        return cache_key(spec.transformer.repo, spec.transformer.dtype, s.fp8_target_keys, s.fp8_exclude_keys,
+                         s.fp8_use_scaled_mm)
+
+    def _opt_cache_path(self, spec):
+        if not self.opt_cache or self.speed is None or not self.speed.fp8:
+            return None
+        from .opt_cache import cache_path
+
+        return cache_path(self.opt_cache, spec.name, self._opt_key(spec))
+
+    def _load_cached(self, path, spec):
+        from diffusers import HunyuanVideoFramepackTransformer3DModel
+
+        from .opt_cache import load_optimized
+
+        s = self.speed
+        return load_optimized(HunyuanVideoFramepackTransformer3DModel, path, self._opt_key(spec), s.fp8_target_keys,
+                              s.fp8_exclude_keys, s.fp8_use_scaled_mm, spec.transformer.dtype)

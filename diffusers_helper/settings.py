@@ -196,11 +196,11 @@ class Settings:
     bnb_double_quant: bool = _s(False, "FRAMEPACK_BNB_DOUBLE_QUANT", ["--bnb-double-quant"],
                                 "bitsandbytes nested quantization", group="quant", status=PLANNED, note=_V6)
     enable_opt_cache: bool = _s(False, "FRAMEPACK_ENABLE_OPT_CACHE", ["--enable-opt-cache"],
-                                "save the quantized transformer and reload it next time", group="quant",
-                                status=PLANNED, note=_V6)
-    optimized_transformer: str = _s("optimized_models/transformer_quantized.pt", "FRAMEPACK_OPTIMIZED_TRANSFORMER",
-                                    ["--optimized-transformer"], "where the optimized transformer is saved",
-                                    group="quant", kind="path", status=PLANNED, note=_V6)
+                                "save the FP8 transformer once and load it directly next time", group="quant")
+    optimized_transformer: str = _s("optimized_models", "FRAMEPACK_OPTIMIZED_TRANSFORMER",
+                                    ["--optimized-transformer"],
+                                    "folder (one file per model and options) or file for the optimized transformer",
+                                    group="quant", kind="path")
     enable_module_cache: bool = _s(False, "FRAMEPACK_ENABLE_MODULE_CACHE", ["--enable-module-cache"],
                                    "keep compiled artefacts on disk between launches", group="quant",
                                    status=PLANNED, note=_V6)

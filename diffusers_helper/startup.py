@@ -76,6 +76,19 @@ def speed_options(settings: Settings):
                         fp8_use_scaled_mm=settings.fp8_use_scaled_mm)
 
 
+def engine_provider(settings: Settings, **overrides):
+    """The EngineProvider the settings describe; the CLI overrides a few values with its own flags."""
+    from .service import EngineProvider
+
+    s = settings
+    kwargs = dict(models_dir=s.models_dir or None, offline=True if (s.offline or s.tiny) else None,
+                  device=device_arg(s), outputs_dir=s.output_dir, placement=placement_override(s),
+                  decode_options=decode_options(s), async_decode=s.async_decode, speed=speed_options(s),
+                  fp8_storage=s.fp8_storage, opt_cache=s.optimized_transformer if s.enable_opt_cache else None)
+    kwargs.update(overrides)
+    return EngineProvider(**kwargs)
+
+
 def device_arg(settings: Settings) -> str | None:
     return None if settings.device == "auto" else settings.device
 

@@ -35,3 +35,19 @@ def test_image() -> np.ndarray:
     img = np.stack([x * 2, y * 2, (x + y)], axis=-1).astype(np.uint8)
     img[30:60, 40:80] = 240
     return img
+
+
+@pytest.fixture
+def encoded_frames(monkeypatch):
+    """Capture the frames handed to the MP4 encoder (x264's bitstream itself is not bit-reproducible)."""
+    import diffusers_helper.engine as engine_module
+
+    captured = {}
+    real = engine_module.write_mp4
+
+    def spy(frames, path, crf=16):
+        captured[path.name] = frames.copy()
+        return real(frames, path, crf=crf)
+
+    monkeypatch.setattr(engine_module, "write_mp4", spy)
+    return lambda final: captured[final.video_path.name]

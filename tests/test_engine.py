@@ -61,22 +61,6 @@ def test_two_sections_make_a_playable_mp4(tiny_bundles, tmp_path, test_image, mo
     assert not list(tmp_path.glob(".*partial*"))
 
 
-@pytest.fixture
-def encoded_frames(monkeypatch):
-    """Capture the frames handed to the MP4 encoder (x264's bitstream itself is not bit-reproducible)."""
-    import diffusers_helper.engine as engine_module
-
-    captured = {}
-    real = engine_module.write_mp4
-
-    def spy(frames, path, crf=16):
-        captured[path.name] = frames.copy()
-        return real(frames, path, crf=crf)
-
-    monkeypatch.setattr(engine_module, "write_mp4", spy)
-    return lambda final: captured[final.video_path.name]
-
-
 def test_same_seed_same_video_and_other_seed_differs(tiny_bundles, tmp_path, test_image, encoded_frames):
     engine = _engine(tiny_bundles, "tiny-f1", tmp_path)
     req = dict(seconds=1.0, steps=2)

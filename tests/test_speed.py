@@ -93,3 +93,41 @@ def test_fp8_conversion_scope_and_fidelity(tiny_root):
     assert err < 0.01  # stated tolerance: under 1% of the output
     t2 = load_models(tiny_spec("tiny", tiny_root), parts=["transformer"]).transformer
     assert convert_to_fp8(t2, target_keys=("attn",)) < n  # target keys narrow the set
+
+
+def _provider(out, cache, **speed):
+    from diffusers_helper.service import EngineProvider
+    from diffusers_helper.speed import SpeedOptions
+
+    return EngineProvider(outputs_dir=out, speed=SpeedOptions(fp8=True, **speed), opt_cache=str(cache))
+
+
+def test_optimized_transformer_cache_saves_then_loads(tiny_root, tmp_path, test_image, caplog, monkeypatch,
+                                                      encoded_frames):
+    from diffusers_helper.fp8 import FP8Linear
+    from diffusers_helper.request import GenerationRequest
+
+    monkeypatch.setenv("FRAMEPACK_CACHE_DIR", str(tiny_root.parent))
+    cache = tmp_path / "optimized_models"
+    req = dict(prompt="x", seconds=1, steps=2, use_teacache=False)
+    with caplog.at_level("INFO"):
+        first = _provider(tmp_path / "a", cache).get("tiny")
+    files = list(cache.glob("tiny-fp8-*.safetensors"))
+    assert len(files) == 1 and "Saved optimized transformer weights to" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        second = _provider(tmp_path / "b", cache).get("tiny")
+    assert "Loaded optimized transformer weights from" in caplog.text
+    assert any(isinstance(m, FP8Linear) for m in second.bundle.transformer.modules())
+    a = first.generate(GenerationRequest(image=test_image, **req), lambda e: None)
+    b = second.generate(GenerationRequest(image=test_image, **req), lambda e: None)
+    import numpy as np
+
+    assert np.array_equal(encoded_frames(a), encoded_frames(b))  # the cached FP8 weights are the same weights
+    # other options: another file; a broken file: rebuilt, not fatal
+    _provider(tmp_path / "c", cache, fp8_exclude_keys=("norm", "ff")).get("tiny")
+    assert len(list(cache.glob("tiny-fp8-*.safetensors"))) == 2
+    files[0].write_bytes(b"not a safetensors file")
+    with caplog.at_level("WARNING"):
+        _provider(tmp_path / "d", cache).get("tiny")
+    assert "unreadable" in caplog.text and files[0].stat().st_size > 100
