@@ -46,10 +46,8 @@ class SectionDecoder:
         z = (latents / vae.config.scaling_factor).to(device=vae.device, dtype=vae.dtype)
         backend = self.options.backend
         with torch.no_grad():
-            if backend == "stock":
-                return vae.decode(z).sample.cpu()
-            if backend == "compiled":
-                if not self._compiled:
+            if backend in ("stock", "compiled"):
+                if backend == "compiled" and not self._compiled:
                     vae.decoder = torch.compile(vae.decoder, dynamic=False)
                     self._compiled = True
                     log.info("torch.compile enabled for the VAE decoder")

@@ -193,6 +193,10 @@ class Engine:
         files: _JobFiles | None = None
         record: dict = {}
 
+        def kept() -> tuple[Path | None, Path | None]:
+            """The last complete video and the sidecar, for the terminal event."""
+            return (files.video, files.sidecar) if files is not None else (None, None)
+
         def finish(event: Event, status: str, error: str | None = None) -> Event:
             if files is not None:
                 record.update(status=status, error=error, video=str(files.video) if files.video else None,
@@ -218,22 +222,19 @@ class Engine:
                 return finish(Finished(video, files.sidecar, record["frames"], time.perf_counter() - t0),
                               "finished")
             except JobCancelled:
-                log.info("Job cancelled; kept %s", files.video if files else None)
-                return finish(Cancelled(files.video if files else None, files.sidecar if files else None),
-                              "cancelled")
+                log.info("Job cancelled; kept %s", kept()[0])
+                return finish(Cancelled(*kept()), "cancelled")
             except InputError as exc:
-                return finish(Failed(str(exc), None, files.sidecar if files else None), "failed", str(exc))
+                return finish(Failed(str(exc), None, kept()[1]), "failed", str(exc))
             except torch.cuda.OutOfMemoryError:
                 log.error("CUDA out of memory:\n%s", traceback.format_exc())
                 msg = ("Out of GPU memory. Increase 'GPU memory preservation', shorten the video or close other "
                        "GPU programs; the sections finished so far were kept.")
-                return finish(Failed(msg, files.video if files else None, files.sidecar if files else None),
-                              "failed", msg)
+                return finish(Failed(msg, *kept()), "failed", msg)
             except Exception as exc:  # noqa: BLE001 - the user gets one line, the log gets the trace
                 log.error("Job failed:\n%s", traceback.format_exc())
                 msg = f"{exc.__class__.__name__}: {exc}".splitlines()[0]
-                return finish(Failed(msg, files.video if files else None, files.sidecar if files else None),
-                              "failed", msg)
+                return finish(Failed(msg, *kept()), "failed", msg)
             finally:
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
