@@ -85,7 +85,7 @@ class Engine:
             store_weights_in_fp8(bundle.transformer, bundle.transformer.dtype)
             bundle.transformer._framepack_fp8_storage = True
         self.teacache = attach_teacache(bundle.transformer)  # before placement: offload hooks must wrap it
-        self.placement.prepare(bundle)
+        self.placement.prepare(bundle, skip_blocks=self.teacache.skipping)
         self.speed = apply_speed(bundle.transformer, speed or SpeedOptions(), self.placement.compute_device())
         self.decoder = SectionDecoder(bundle.vae, decode_options)
         self.base_decode_options = self.decoder.options
@@ -294,10 +294,10 @@ class Engine:
                                                  dtype=dtype, device=device, on_step=on_step, cancel=cancel)
                         break
                     except torch.cuda.OutOfMemoryError:
-                        policy = self._recover_from_oom()
-                        if policy is None:
+                        change = self._recover_from_oom()
+                        if change is None:
                             raise
-                        msg = (f"Out of GPU memory in section {k + 1}/{sections}: switched to {policy} placement, "
+                        msg = (f"Out of GPU memory in section {k + 1}/{sections}: {change}, "
                                "retrying the section")
                         log.warning(msg)
                         record.setdefault("oom_recoveries", []).append(msg)

@@ -22,11 +22,27 @@ EVERYTHING_GB = 60.0  # every model on one GPU: transformer 26 GB + Llama 16 GB 
 ALLOC_CONF_LOW_VRAM = "expandable_segments:True,max_split_size_mb=128"
 
 
+def cuda_free_bytes(device: torch.device | None = None) -> int:
+    """What this process can still allocate: the device's free memory plus the allocator's unused cache,
+    within `torch.cuda.set_per_process_memory_fraction` when one is set (how benchmarks emulate a
+    smaller card)."""
+    device = torch.device(device or "cuda")
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    free, total = torch.cuda.mem_get_info(device)
+    allocated = torch.cuda.memory_allocated(device)
+    free += torch.cuda.memory_reserved(device) - allocated
+    get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)  # PyTorch >= 2.9
+    fraction = get_fraction(device) if get_fraction else 1.0
+    if fraction < 1.0:
+        free = min(free, int(fraction * total) - allocated)
+    return max(0, free)
+
+
 def get_cuda_free_memory_gb(device: torch.device | None = None) -> float:
     if not torch.cuda.is_available():
         return 0.0
-    free, _ = torch.cuda.mem_get_info(device or torch.device("cuda"))
-    return free / GB
+    return cuda_free_bytes(device) / GB
 
 
 def get_free_ram_gb() -> float:

@@ -3,11 +3,13 @@
 Policies:
 - "full": every model stays on the compute device (the original's high-VRAM mode, > 60 GB free, and
   the only sensible choice on the CPU).
-- "swap": the smaller models move to the GPU when used and back when room is needed; the transformer
-  and Llama, which do not fit a small GPU whole, are streamed block by block with diffusers group
-  offloading (pinned memory, prefetch on a side stream) instead of the original's per-parameter moves.
+- "swap": the smaller models move to the GPU when used and back when room is needed. The transformer
+  keeps on the GPU the blocks that fit (after the memory the user preserves) and streams the rest from
+  pinned RAM (block_stream); Llama, used once per job, is streamed block by block with diffusers group
+  offloading. Both replace the original's per-parameter moves.
 - "swap-lowram": the same without a pinned copy of the weights, for machines short of RAM.
-The choice comes from free VRAM and RAM (memory.choose_policy) and steps down after an OOM.
+The choice comes from free VRAM and RAM (memory.choose_policy) and steps down after an OOM: from "full"
+to "swap", then to fewer resident blocks.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from typing import Callable
 
 import torch
 
-from .memory import EVERYTHING_GB, choose_policy, get_cuda_free_memory_gb, get_free_ram_gb, model_bytes
+from .block_stream import BlockStreamer
+from .memory import EVERYTHING_GB, choose_policy, cuda_free_bytes, get_cuda_free_memory_gb, get_free_ram_gb, model_bytes
 
 log = logging.getLogger("framepack.placement")
 
@@ -36,6 +39,14 @@ def _is_streamed(model) -> bool:
     from diffusers.hooks.group_offloading import _is_group_offload_enabled
 
     return _is_group_offload_enabled(model)
+
+
+def streamer_of(model) -> BlockStreamer | None:
+    return getattr(model, "_framepack_streamer", None)
+
+
+def _block_lists(model) -> list:
+    return [getattr(model, n) for n in ("transformer_blocks", "single_transformer_blocks") if hasattr(model, n)]
 
 
 def _on_device(model, device: torch.device) -> bool:
@@ -59,13 +70,14 @@ class Placement:
     memory: MemoryPolicy = field(default_factory=MemoryPolicy)
     # (free, used) bytes on the device; replaceable so the decisions can be tested without a GPU
     probe: Callable[[], tuple[int, int]] | None = None
+    resident_cap: int | None = None  # bytes of resident blocks allowed; halved by each out-of-memory error
+    skip_blocks: Callable[[], bool] | None = None
 
     def _free_used(self) -> tuple[int, int]:
         if self.probe is not None:
             return self.probe()
         if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            return free, torch.cuda.memory_allocated(self.device)
+            return cuda_free_bytes(self.device), torch.cuda.memory_allocated(self.device)
         return 1 << 62, 0
 
     @classmethod
@@ -79,34 +91,54 @@ class Placement:
         return cls(device, choice.policy)
 
     def degrade(self, bundle) -> str | None:
-        """After an out-of-memory error: the next more frugal policy, applied now; None if none is left."""
-        if self.policy != "full":
+        """After an out-of-memory error: the next more frugal placement, applied now, described for the
+        user; None if nothing is left to give up."""
+        if self.policy == "full":
+            for model in bundle.models().values():
+                model.to("cpu")
+            self.policy = "swap"
+            self.prepare(bundle, skip_blocks=self.skip_blocks)
+            self.use(bundle, "transformer")
+            return "switched to swap placement"
+        streamer = streamer_of(bundle.transformer)
+        if streamer is None or streamer.resident_count == 0:
             return None
-        for model in bundle.models().values():
-            model.to("cpu")
-        self.policy = "swap"
-        self.prepare(bundle)
-        return self.policy
+        before = streamer.resident_count
+        self.resident_cap = streamer.resident_bytes // 2
+        self._activate(streamer)
+        return f"kept {streamer.resident_count} transformer blocks on the GPU instead of {before}"
 
-    def prepare(self, bundle) -> None:
-        """One-time set-up after loading."""
+    def prepare(self, bundle, skip_blocks: Callable[[], bool] | None = None) -> None:
+        """One-time set-up after loading. `skip_blocks` says when TeaCache skips the blocks, so a
+        skipped step moves no weights."""
         models = bundle.models()
+        self.skip_blocks = skip_blocks
         if self.policy == "full":
             for model in models.values():
                 model.to(self.device)
             return
-        for name in STREAMED:
-            model = models.get(name)
-            if model is None or _is_streamed(model):
-                continue  # a part reused from the previous model keeps its hooks
+        pinned = self.policy == "swap" and self.device.type == "cuda"
+        transformer = models.get("transformer")
+        if transformer is not None and streamer_of(transformer) is None and _block_lists(transformer):
+            transformer._framepack_streamer = BlockStreamer(transformer, _block_lists(transformer), self.device,
+                                                            pin=pinned, skip=skip_blocks)
+        model = models.get("text_encoder")
+        if model is not None and not _is_streamed(model):  # a part reused from the previous model keeps its hooks
             from diffusers.hooks import apply_group_offloading
 
             # side-stream prefetch needs pinned RAM; "swap-lowram" pins each group only while it moves
             stream = self.device.type == "cuda"
             apply_group_offloading(model, self.device, offload_type="block_level", num_blocks_per_group=1,
-                                   use_stream=stream, low_cpu_mem_usage=self.policy == "swap-lowram")
-            log.info("Streaming %s block by block to %s%s", name, self.device,
-                     "" if self.policy == "swap" else " (unpinned: little free RAM)")
+                                   use_stream=stream, record_stream=stream,
+                                   low_cpu_mem_usage=self.policy == "swap-lowram")
+            log.info("Streaming the text encoder block by block to %s%s", self.device,
+                     "" if pinned else " (unpinned)")
+
+    def _activate(self, streamer: BlockStreamer) -> int:
+        """Resident blocks for what is free now, less the memory the user preserves for activations."""
+        free, _ = self._free_used()
+        budget = int(free + streamer.gpu_bytes - self.memory.preserve_gb * 1024**3)
+        return streamer.activate(budget, self.resident_cap)
 
     def use(self, bundle, *names: str) -> list[str]:
         """Make the named models ready on the device. Under "swap", other models go back to the CPU
@@ -114,24 +146,33 @@ class Placement:
         if self.policy == "full":
             return []
         models = bundle.models()
+        streamer = streamer_of(models.get("transformer"))
         wanted = [n for n in names if n in models and n not in STREAMED]
         needed = sum(model_bytes(models[n]) for n in wanted if not _on_device(models[n], self.device))
         gb = 1024**3
         offloaded = []
         if not self.memory.keep_loaded:
             for name, model in models.items():
-                if name in STREAMED or name in names or not _on_device(model, self.device):
+                if name in names:
+                    continue
+                if name == "transformer" and streamer is not None:
+                    on_device = streamer.active
+                else:
+                    on_device = name not in STREAMED and _on_device(model, self.device)
+                if not on_device:
                     continue
                 free, used = self._free_used()
                 over_threshold = used + needed > self.memory.offload_threshold_gb * gb
                 short = free - needed < self.memory.preserve_gb * gb
                 if over_threshold or short:
-                    model.to("cpu")
+                    streamer.release() if name == "transformer" and streamer is not None else model.to("cpu")
                     offloaded.append(name)
         for name in wanted:
             models[name].to(self.device)
+        if "transformer" in names and streamer is not None:
+            self._activate(streamer)
         if offloaded:
-            log.info("Moved %s to the CPU to make room for %s", ", ".join(offloaded), ", ".join(wanted))
+            log.info("Moved %s to the CPU to make room for %s", ", ".join(offloaded), ", ".join(names))
         if self.device.type == "cuda" and offloaded:
             gc.collect()
             torch.cuda.empty_cache()

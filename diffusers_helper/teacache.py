@@ -139,6 +139,10 @@ class TeaCache:
         self._root = HookRegistry.check_if_exists_or_initialize(transformer)
         self._root.invalidate_child_registries_cache()  # so cache_context() reaches the new hooks
 
+    def skipping(self) -> bool:
+        """Inside a forward: whether this step reuses the cached residual instead of running the blocks."""
+        return self.config.enabled and not self._states.get_state().compute
+
     def configure(self, enabled: bool, threshold: float = 0.15) -> None:
         if threshold < 0:
             raise ValueError(f"TeaCache threshold must be >= 0, got {threshold}")

@@ -198,8 +198,8 @@ def _build_all(dest: Path) -> None:
     _build_siglip_processor().save_pretrained(redux / "feature_extractor")
     _save(_build_siglip(), redux / "image_encoder")
 
-    _save(_build_transformer(SEEDS["transformer_inverted"]), dest / model_specs.FRAMEPACK_REPO)
-    _save(_build_transformer(SEEDS["transformer_f1"]), dest / model_specs.F1_REPO)
+    _save(build_tiny_transformer(SEEDS["transformer_inverted"]), dest / model_specs.FRAMEPACK_REPO)
+    _save(build_tiny_transformer(SEEDS["transformer_f1"]), dest / model_specs.F1_REPO)
 
     (dest / MARKER_NAME).write_text(json.dumps({"format": TINY_FORMAT_VERSION}) + "\n")
 
@@ -453,10 +453,11 @@ def _build_vae():
     )
 
 
-def _build_transformer(seed: int):
+def build_tiny_transformer(seed: int, **overrides):
+    """The tiny transformer; `overrides` change its config (tests use deeper stacks)."""
     from diffusers import HunyuanVideoFramepackTransformer3DModel
 
-    config = dict(TINY_DIMS["transformer"])
+    config = dict(TINY_DIMS["transformer"], **overrides)
     config["rope_axes_dim"] = tuple(config["rope_axes_dim"])
     torch.manual_seed(seed)
     model = HunyuanVideoFramepackTransformer3DModel(**config)
