@@ -78,6 +78,8 @@ def main():
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--swap-steps", type=int, default=4)
     ap.add_argument("--skip-full", action="store_true", help="skip the full-placement runs")
+    ap.add_argument("--cap-gb", type=float, default=None,
+                    help="emulate a card this size for the swap runs (set_per_process_memory_fraction)")
     ap.add_argument("--overlap-only", action="store_true",
                     help="only the 3-section full-placement job, decode inline vs on a side stream")
     args = ap.parse_args()
@@ -128,6 +130,9 @@ def main():
     for model in bundle.models().values():
         model.to("cpu")
     torch.cuda.empty_cache()
+    if args.cap_gb:
+        torch.cuda.set_per_process_memory_fraction(args.cap_gb * 1024**3 / torch.cuda.get_device_properties(0).total_memory)
+        results["cap_gb"] = args.cap_gb
     t = time.perf_counter()
     engine = Engine(bundle, Placement(dev, "swap"), outputs_dir=out_dir)
     results["swap_setup_s"] = round(time.perf_counter() - t, 2)

@@ -12,6 +12,7 @@ fidelity: the relative L2 error of one section's latents against the eager run w
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import statistics
@@ -22,13 +23,18 @@ from pathlib import Path
 import torch
 
 from .sampling import Guidance, sample_section
-from .sections import SectionSchedule
-from .speed import compile_blocks, set_attention_backend, use_compile_cache
+from .speed import SpeedOptions, compile_blocks, convert_weights, set_attention_backend, use_compile_cache
+from .warmup import forward_fn as _forward_fn
+from .warmup import section_inputs as _inputs
 
 log = logging.getLogger("framepack.bench")
 
+WEIGHTS = {"bf16": None, "fp8": None, "int8": 8, "int4": 4}  # weight formats, and their torchao bits
+
 
 def _transformer(device: torch.device):
+    """The same weights every call (fixed seed), so each configuration starts from a fresh copy."""
+    torch.manual_seed(0)
     if device.type == "cuda":
         from .fullsize import build_transformer
 
@@ -40,41 +46,9 @@ def _transformer(device: torch.device):
     return bundle.transformer.to(device), torch.float32, 64
 
 
-def _inputs(transformer, size: int, dtype, device, window: int = 9, text_tokens: int = 60):
-    cfg = transformer.config
-    g = torch.Generator("cpu").manual_seed(0)
-    lat = size // 8
-    start = torch.randn(1, 16, 1, lat, lat, generator=g)
-    schedule = SectionSchedule("inverted", start, 3, window)
-    section = schedule.inputs(0).to_kwargs(device, dtype)
-    mask = torch.zeros(1, 512, dtype=torch.bool)
-    mask[:, :text_tokens] = True
-    image_tokens = 729 if cfg.image_proj_dim == 1152 else 9
-    cond = {"encoder_hidden_states": (torch.randn(1, 512, cfg.text_embed_dim, generator=g) * mask[..., None]).to(
-                device, dtype),
-            "encoder_attention_mask": mask.to(device),
-            "pooled_projections": torch.randn(1, cfg.pooled_projection_dim, generator=g).to(device, dtype),
-            "image_embeds": torch.randn(1, image_tokens, cfg.image_proj_dim, generator=g).to(device, dtype),
-            **section}
-    noise = torch.randn(1, 16, window, lat, lat, generator=g)
-    return cond, noise
-
-
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def _forward_fn(transformer, cond, noise, dtype, device):
-    x = noise.to(device, dtype)
-    t = torch.tensor([900.0], device=device, dtype=dtype)
-    gs = torch.tensor([10000.0], device=device, dtype=dtype)
-
-    def run():
-        with torch.inference_mode():
-            return transformer(hidden_states=x, timestep=t, guidance=gs, return_dict=False, **cond)[0]
-
-    return run
 
 
 def count_flops(run) -> float:
@@ -120,8 +94,10 @@ def bench_config(name, transformer, cond, noise, dtype, device, repeats, flops, 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m diffusers_helper.bench", description=__doc__.splitlines()[0])
     ap.add_argument("--configs", default="eager,cudnn,compile,compile+cudnn",
-                    help="comma-separated, bf16 before fp8 and eager before compile: eager, cudnn, flash, "
-                         "compile, compile+cudnn, fp8, compile+fp8")
+                    help="comma-separated; each joins with '+' a weight format (bf16 by default, fp8, int8, "
+                         "int4), a compile (compile, or compile-max for max-autotune without CUDA graphs) and an "
+                         "attention backend (cudnn, flash, efficient, sage, ...). The first is the fidelity "
+                         "reference.")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--fidelity-steps", type=int, default=8)
     ap.add_argument("--out", default=None, help="write the results as JSON")
@@ -139,24 +115,24 @@ def main(argv=None) -> int:
     results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                "torch": torch.__version__, "size": size, "flops_per_forward": flops, "configs": {}}
     reference = None
-    compiled = False
+    state = None  # (weights, compile mode) of the transformer in hand
     for name in [c.strip() for c in args.configs.split(",") if c.strip()]:
         parts = name.split("+")
-        if "fp8" in parts and not getattr(transformer, "_framepack_fp8", False):
-            from .fp8 import convert_to_fp8
-
-            convert_to_fp8(transformer)
-            transformer._framepack_fp8 = True
-        if "fp8" not in parts and getattr(transformer, "_framepack_fp8", False):
-            log.warning("%s skipped: bf16 configurations must come before FP8 ones", name)
-            continue
-        if "compile" in parts and not compiled:
-            compile_blocks(transformer)
-            compiled = True
-        if "compile" not in parts and compiled:
-            log.warning("%s skipped: eager configurations must come before compiled ones", name)
-            continue
-        backend = next((p for p in parts if p not in ("compile", "eager", "fp8")), "native")
+        weights = next((p for p in parts if p in WEIGHTS), "bf16")
+        mode = "max-autotune-no-cudagraphs" if "compile-max" in parts else "default" if "compile" in parts else None
+        if state is not None and state != (weights, None) and state != (weights, mode):
+            del transformer  # converted or compiled: start again from the same bf16 weights
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            transformer, dtype, size = _transformer(device)
+            state = None
+        if state is None or state[0] != weights:
+            convert_weights(transformer, SpeedOptions(fp8=weights == "fp8", quant_bits=WEIGHTS[weights]))
+        if mode is not None and (state is None or state[1] is None):
+            compile_blocks(transformer, mode)
+        state = (weights, mode)
+        backend = next((p for p in parts if p not in ("compile", "compile-max", "eager", *WEIGHTS)), "native")
         set_attention_backend(transformer, backend)
         row, latents = bench_config(name, transformer, cond, noise, dtype, device, args.repeats, flops,
                                     args.fidelity_steps, reference)

@@ -126,6 +126,15 @@ def _several_quantizers(s, info):
                        "keep one of FRAMEPACK_ENABLE_FP8, FRAMEPACK_ENABLE_QUANT, FRAMEPACK_USE_BNB")
 
 
+@rule("bnb-needs-cuda")
+def _bnb_needs_cuda(s, info):
+    if s.use_bnb and not info.cuda:
+        return Finding(CRITICAL, "bnb-needs-cuda", "bitsandbytes quantizes while loading onto a CUDA GPU, and "
+                       "this machine has none.", "turn FRAMEPACK_USE_BNB off; FRAMEPACK_ENABLE_QUANT=1 (torchao) "
+                       "or FRAMEPACK_FP8_STORAGE=1 also save memory")
+    return None
+
+
 @rule("compile-with-torchscript")
 def _compile_and_jit(s, info):
     if s.enable_compile and s.jit_mode != "off":

@@ -33,7 +33,7 @@ from .preview import latent_preview
 from .request import GenerationRequest, InputError
 from .sampling import CancelToken, Guidance, JobCancelled, StepInfo, draw_noise, sample_section
 from .sections import SectionSchedule, frame_count, section_count
-from .speed import SpeedOptions, apply_speed
+from .speed import SpeedOptions, apply_speed, convert_weights
 from .teacache import attach_teacache
 from .vae_plan import DecodeOptions
 from .video import write_json, write_mp4, write_png
@@ -84,9 +84,12 @@ class Engine:
         if fp8_storage and not getattr(bundle.transformer, "_framepack_fp8_storage", False):
             store_weights_in_fp8(bundle.transformer, bundle.transformer.dtype)
             bundle.transformer._framepack_fp8_storage = True
+        speed = speed or SpeedOptions()
+        converted = convert_weights(bundle.transformer, speed)  # before placement lays the weights out
         self.teacache = attach_teacache(bundle.transformer)  # before placement: offload hooks must wrap it
         self.placement.prepare(bundle, skip_blocks=self.teacache.skipping)
-        self.speed = apply_speed(bundle.transformer, speed or SpeedOptions(), self.placement.compute_device())
+        self.speed = {**apply_speed(bundle.transformer, speed, self.placement.compute_device()), **converted}
+        self.speed_options = speed
         self.decoder = SectionDecoder(bundle.vae, decode_options)
         self.base_decode_options = self.decoder.options
         self.model_dtype = bundle.transformer.dtype
@@ -151,6 +154,17 @@ class Engine:
         self.bundle.transformer.to(target)
         self.dtype = target
         log.info("Transformer now computes in %s", str(target).removeprefix("torch."))
+
+    def warm_up(self, size: int = 640, window: int = 9) -> float | None:
+        """Compile the transformer's kernels now, at this bucket, instead of in the first job; None when
+        there is nothing to compile."""
+        if not self.speed.get("compiled_blocks"):
+            return None
+        from .warmup import warm_up
+
+        with self._lock:
+            self.placement.use(self.bundle, "transformer")
+            return warm_up(self.bundle.transformer, size, window, self.dtype, self.device)
 
     @property
     def device(self) -> torch.device:

@@ -171,7 +171,7 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[0] if text else ''}"
 
 
-def _load_part(name: str, part: PartSpec, offline: bool, cache_dir: str | None):
+def _load_part(name: str, part: PartSpec, offline: bool, cache_dir: str | None, extra: dict | None = None):
     loader = _loader(part)
     cls = getattr(importlib.import_module(loader.module), loader.attr)
     local = _is_local(part)
@@ -182,6 +182,7 @@ def _load_part(name: str, part: PartSpec, offline: bool, cache_dir: str | None):
         kwargs["cache_dir"] = cache_dir
     if loader.dtype_kwarg is not None and part.dtype is not None:
         kwargs[loader.dtype_kwarg] = part.dtype
+    kwargs.update(extra or {})
 
     from huggingface_hub.errors import EntryNotFoundError
 
@@ -223,9 +224,11 @@ def load_models(
     cache_dir: str | None = None,
     parts: list[str] | None = None,
     progress: Callable[[str], None] | None = None,
+    transformer_kwargs: dict | None = None,
 ) -> ModelBundle:
     """Load the parts of `spec` (all by default) on the CPU, in eval mode with gradients off.
 
+    `transformer_kwargs` go to the transformer's from_pretrained (a quantization config).
     `offline=None` follows HF_HUB_OFFLINE. Offline, all hub repos are checked against the cache first
     so a missing download is reported at once, naming every missing repo, not after loading 16 GB.
     """
@@ -249,5 +252,6 @@ def load_models(
     for name, part in selected.items():
         if progress is not None:
             progress(f"Loading {name} ({part.cls})")
-        setattr(bundle, name, _load_part(name, part, offline, cache_dir))
+        extra = transformer_kwargs if name == "transformer" else None
+        setattr(bundle, name, _load_part(name, part, offline, cache_dir, extra))
     return bundle

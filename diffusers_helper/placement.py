@@ -22,11 +22,10 @@ from typing import Callable
 import torch
 
 from .block_stream import BlockStreamer
+from .quant import has_quantized_weights
 from .memory import EVERYTHING_GB, choose_policy, cuda_free_bytes, get_cuda_free_memory_gb, get_free_ram_gb, model_bytes
 
 log = logging.getLogger("framepack.placement")
-
-STREAMED = ("transformer", "text_encoder")
 
 
 def pick_device(requested: str | None = None) -> torch.device:
@@ -43,6 +42,15 @@ def _is_streamed(model) -> bool:
 
 def streamer_of(model) -> BlockStreamer | None:
     return getattr(model, "_framepack_streamer", None)
+
+
+def _streams(model) -> bool:
+    """Moved block by block (our streamer or diffusers' group offloading), never whole."""
+    return streamer_of(model) is not None or _is_streamed(model)
+
+
+def _is_bnb(model) -> bool:
+    return bool(getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False))
 
 
 def _block_lists(model) -> list:
@@ -119,20 +127,28 @@ class Placement:
             return
         pinned = self.policy == "swap" and self.device.type == "cuda"
         transformer = models.get("transformer")
-        if transformer is not None and streamer_of(transformer) is None and _block_lists(transformer):
-            transformer._framepack_streamer = BlockStreamer(transformer, _block_lists(transformer), self.device,
-                                                            pin=pinned, skip=skip_blocks)
+        if transformer is not None and streamer_of(transformer) is None and not _is_streamed(transformer):
+            if _is_bnb(transformer):
+                log.info("bitsandbytes transformer (%.1f GB) moves to the GPU whole when used",
+                         model_bytes(transformer) / 1024**3)
+            elif has_quantized_weights(transformer):  # torchao tensors: diffusers' offloading handles them
+                self._group_offload(transformer, "transformer", pinned)
+            elif _block_lists(transformer):
+                transformer._framepack_streamer = BlockStreamer(transformer, _block_lists(transformer), self.device,
+                                                                pin=pinned, skip=skip_blocks)
         model = models.get("text_encoder")
         if model is not None and not _is_streamed(model):  # a part reused from the previous model keeps its hooks
-            from diffusers.hooks import apply_group_offloading
+            self._group_offload(model, "text encoder", pinned)
 
-            # side-stream prefetch needs pinned RAM; "swap-lowram" pins each group only while it moves
-            stream = self.device.type == "cuda"
-            apply_group_offloading(model, self.device, offload_type="block_level", num_blocks_per_group=1,
-                                   use_stream=stream, record_stream=stream,
-                                   low_cpu_mem_usage=self.policy == "swap-lowram")
-            log.info("Streaming the text encoder block by block to %s%s", self.device,
-                     "" if pinned else " (unpinned)")
+    def _group_offload(self, model, what: str, pinned: bool) -> None:
+        from diffusers.hooks import apply_group_offloading
+
+        # side-stream prefetch needs pinned RAM; "swap-lowram" pins each group only while it moves
+        stream = self.device.type == "cuda"
+        apply_group_offloading(model, self.device, offload_type="block_level", num_blocks_per_group=1,
+                               use_stream=stream, record_stream=stream, low_cpu_mem_usage=self.policy == "swap-lowram")
+        log.info("Streaming the %s block by block to %s with diffusers group offloading%s", what, self.device,
+                 "" if pinned else " (unpinned)")
 
     def _activate(self, streamer: BlockStreamer) -> int:
         """Resident blocks for what is free now, less the memory the user preserves for activations."""
@@ -147,7 +163,7 @@ class Placement:
             return []
         models = bundle.models()
         streamer = streamer_of(models.get("transformer"))
-        wanted = [n for n in names if n in models and n not in STREAMED]
+        wanted = [n for n in names if n in models and not _streams(models[n])]
         needed = sum(model_bytes(models[n]) for n in wanted if not _on_device(models[n], self.device))
         gb = 1024**3
         offloaded = []
@@ -158,7 +174,7 @@ class Placement:
                 if name == "transformer" and streamer is not None:
                     on_device = streamer.active
                 else:
-                    on_device = name not in STREAMED and _on_device(model, self.device)
+                    on_device = not _streams(model) and _on_device(model, self.device)
                 if not on_device:
                     continue
                 free, used = self._free_used()

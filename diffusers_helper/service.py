@@ -24,7 +24,7 @@ class EngineProvider:
     def __init__(self, *, models_dir: str | None = None, offline: bool | None = None, device: str | None = None,
                  outputs_dir: str | Path = "outputs", placement: str | None = None, decode_options=None,
                  async_decode: str = "auto", speed=None, fp8_storage: bool = False,
-                 opt_cache: str | None = None):
+                 opt_cache: str | None = None, bnb=None):
         self.models_dir = models_dir
         self.offline = offline
         self.device = pick_device(device)
@@ -35,6 +35,7 @@ class EngineProvider:
         self.speed = speed
         self.fp8_storage = fp8_storage
         self.opt_cache = opt_cache  # where FP8 transformers are cached, or None
+        self.bnb = bnb  # quant.QuantOptions with bnb_bits, or None
         self._engine: Engine | None = None
         self._lock = threading.Lock()
 
@@ -64,7 +65,8 @@ class EngineProvider:
                 if transformer is not None:
                     keep["transformer"] = transformer
             missing = [n for n in PART_NAMES if n not in keep]
-            fresh = load_models(spec, offline=self.offline, parts=missing, progress=progress)
+            fresh = load_models(spec, offline=self.offline, parts=missing, progress=progress,
+                                transformer_kwargs=self._transformer_kwargs(spec))
             bundle = ModelBundle(spec=spec, **keep, **{n: getattr(fresh, n) for n in missing})
             placement = Placement.choose(self.device, self.placement_override)
             self._engine = Engine(bundle, placement, outputs_dir=self.outputs_dir,
@@ -74,7 +76,21 @@ class EngineProvider:
                 from .opt_cache import save_optimized
 
                 save_optimized(bundle.transformer, cached_path, self._opt_key(spec))
+            if self.speed is not None and self.speed.warmup:
+                if progress is not None:
+                    progress("Compiling the transformer (warm-up)")
+                self._engine.warm_up()
             return self._engine
+
+    def _transformer_kwargs(self, spec) -> dict | None:
+        if self.bnb is None or not self.bnb.bnb_bits:
+            return None
+        from .quant import bnb_config, check_bnb_usable
+
+        check_bnb_usable()
+        log.info("Loading the transformer with bitsandbytes %d-bit weights", self.bnb.bnb_bits)
+        return {"quantization_config": bnb_config(self.bnb.bnb_bits, self.bnb.bnb_double_quant,
+                                                  spec.transformer.dtype or torch.bfloat16)}
 
     def _opt_key(self, spec) -> str:
         from .opt_cache import cache_key

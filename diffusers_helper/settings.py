@@ -45,8 +45,7 @@ def _s(default, env=None, flags=(), help="", *, choices=None, min=None, max=None
 
 
 _V5 = "VAE decode work (issue 5)"
-_V6 = "speed layer (issue 6)"
-_V7 = "memory manager (issue 7)"
+_LATER = "not built yet"
 
 
 @dataclass
@@ -130,8 +129,9 @@ class Settings:
                            "store transformer weights in FP8 and compute in bf16 (half the weight memory)",
                            group="memory")
     bnb_cpu_offload: bool = _s(False, "FRAMEPACK_BNB_CPU_OFFLOAD", ["--bnb-cpu-offload"],
-                               "offload quantized models to CPU when idle", group="memory", status=PLANNED,
-                               note=_V6)
+                               "offload quantized models to CPU when idle", group="memory", status=UNSUPPORTED,
+                               note="the \"swap\" placement already moves a bitsandbytes transformer to the CPU "
+                                    "when another model needs the room")
 
     # -- speed: attention, compile, precision ------------------------------------------------------------
     xformers_mode: str = _s("standard", "FRAMEPACK_XFORMERS_MODE", ["--xformers-mode"],
@@ -147,8 +147,8 @@ class Settings:
                            choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
                            group="speed")
     fast_start: bool = _s(False, "FRAMEPACK_FAST_START", ["--fast-start"],
-                          "skip compile warm-up and optimized-model caching at start-up", group="speed",
-                          status=PLANNED, note=_V6)
+                          "skip the compile warm-up and the optimized-model cache at start-up (the first job "
+                          "compiles instead)", group="speed")
     jit_mode: str = _s("off", "FRAMEPACK_JIT_MODE", ["--jit-mode"], "TorchScript mode",
                        choices=("off", "trace", "script"), group="speed", status=UNSUPPORTED,
                        note="TorchScript is deprecated in PyTorch and cannot trace diffusers' hooked transformer; "
@@ -163,7 +163,7 @@ class Settings:
                           status=UNSUPPORTED, note="TorchScript is not offered (see jit_mode)")
     enforce_low_precision: bool = _s(False, "FRAMEPACK_ENFORCE_LOW_PRECISION", ["--enforce-low-precision"],
                                      "cast every model to bf16/fp16 (no float32 layers)", group="speed",
-                                     status=PLANNED, note=_V6)
+                                     status=PLANNED, note=_LATER)
     tf32: bool = _s(True, "FRAMEPACK_TF32", ["--tf32"], "TF32 matmuls for float32 work on Ampere+",
                     group="speed", negative_flags=["--no-tf32"])
     cudnn_benchmark: bool = _s(True, "FRAMEPACK_CUDNN_BENCHMARK", ["--cudnn-benchmark"],
@@ -183,37 +183,42 @@ class Settings:
                                 "comma-separated module-name parts to keep in bf16", group="quant", kind="csv")
     fp8_use_scaled_mm: bool = _s(True, "FRAMEPACK_FP8_USE_SCALED_MM", ["--fp8-use-scaled-mm"],
                                  "row-wise scaled FP8 matmul (torch._scaled_mm)", group="quant")
-    enable_quant: bool = _s(False, "FRAMEPACK_ENABLE_QUANT", ["--enable-quant"], "torchao INT-N weights",
-                            group="quant", status=PLANNED, note=_V6)
-    quant_bits: int = _s(8, "FRAMEPACK_QUANT_BITS", ["--quant-bits"], "INT weight bits", choices=(4, 8),
-                         group="quant", status=PLANNED, note=_V6)
-    use_bnb: bool = _s(False, "FRAMEPACK_USE_BNB", ["--use-bnb"], "bitsandbytes quantized transformer",
-                       group="quant", status=PLANNED, note=_V6)
+    enable_quant: bool = _s(False, "FRAMEPACK_ENABLE_QUANT", ["--enable-quant"],
+                            "torchao integer linears in the transformer blocks (needs torchao)", group="quant")
+    quant_bits: int = _s(8, "FRAMEPACK_QUANT_BITS", ["--quant-bits"],
+                         "8: int8 weights and activations (int8 matmuls); 4: int4 weights (memory, slower)",
+                         choices=(4, 8), group="quant")
+    use_bnb: bool = _s(False, "FRAMEPACK_USE_BNB", ["--use-bnb"],
+                       "bitsandbytes 8-bit transformer, quantized while loading (CUDA only; saves memory, slower)",
+                       group="quant")
     bnb_load_in_4bit: bool = _s(False, "FRAMEPACK_BNB_LOAD_IN_4BIT", ["--bnb-load-in-4bit"],
-                                "bitsandbytes 4-bit (NF4) instead of 8-bit", group="quant", status=PLANNED, note=_V6)
+                                "bitsandbytes 4-bit (NF4) instead of 8-bit", group="quant")
     bnb_device_map: str = _s("auto", "FRAMEPACK_BNB_DEVICE_MAP", ["--bnb-device-map"], "bitsandbytes placement",
-                             choices=("auto", "cpu", "balanced"), group="quant", status=PLANNED, note=_V6)
+                             choices=("auto", "cpu", "balanced"), group="quant", status=UNSUPPORTED,
+                             note="the memory manager places the bitsandbytes transformer (on the GPU, moved whole "
+                                  "when room is needed); its kernels cannot run on the CPU")
     bnb_double_quant: bool = _s(False, "FRAMEPACK_BNB_DOUBLE_QUANT", ["--bnb-double-quant"],
-                                "bitsandbytes nested quantization", group="quant", status=PLANNED, note=_V6)
+                                "bitsandbytes nested quantization", group="quant")
     enable_opt_cache: bool = _s(False, "FRAMEPACK_ENABLE_OPT_CACHE", ["--enable-opt-cache"],
                                 "save the FP8 transformer once and load it directly next time", group="quant")
     optimized_transformer: str = _s("optimized_models", "FRAMEPACK_OPTIMIZED_TRANSFORMER",
                                     ["--optimized-transformer"],
                                     "folder (one file per model and options) or file for the optimized transformer",
                                     group="quant", kind="path")
-    enable_module_cache: bool = _s(False, "FRAMEPACK_ENABLE_MODULE_CACHE", ["--enable-module-cache"],
-                                   "keep compiled artefacts on disk between launches", group="quant",
-                                   status=PLANNED, note=_V6)
+    enable_module_cache: bool = _s(True, "FRAMEPACK_ENABLE_MODULE_CACHE", ["--enable-module-cache"],
+                                   "keep torch.compile's kernels in the project cache between launches (off: "
+                                   "PyTorch's temporary folder)", group="quant",
+                                   negative_flags=["--disable-module-cache"])
 
     # -- step caches -----------------------------------------------------------------------------------------
     enable_fbcache: bool = _s(False, "FRAMEPACK_ENABLE_FBCACHE", ["--enable-fbcache"],
                               "first-block cache (diffusers FirstBlockCache)", group="caches",
-                              negative_flags=["--disable-fbcache"], status=PLANNED, note=_V6)
+                              negative_flags=["--disable-fbcache"], status=PLANNED, note=_LATER)
     fbcache_threshold: float = _s(0.035, "FRAMEPACK_FBCACHE_THRESHOLD", ["--fbcache-threshold"],
                                   "first-block residual change threshold", min=0.0, max=1.0, group="caches",
-                                  status=PLANNED, note=_V6)
+                                  status=PLANNED, note=_LATER)
     fbcache_verbose: bool = _s(False, "FRAMEPACK_FBCACHE_VERBOSE", [], "log first-block cache decisions",
-                               group="caches", status=PLANNED, note=_V6)
+                               group="caches", status=PLANNED, note=_LATER)
     enable_sim_cache: bool = _s(False, "FRAMEPACK_ENABLE_SIM_CACHE", ["--enable-sim-cache"],
                                 "similarity cache", group="caches", negative_flags=["--disable-sim-cache"],
                                 status=UNSUPPORTED, note="TeaCache (and the first-block cache) cover step reuse; a "
@@ -230,16 +235,16 @@ class Settings:
                                  status=UNSUPPORTED, note="see enable_sim_cache")
     enable_kv_cache: bool = _s(False, "FRAMEPACK_ENABLE_KV_CACHE", ["--enable-kv-cache"],
                                "cache the text tokens' keys/values across steps", group="caches",
-                               negative_flags=["--disable-kv-cache"], status=PLANNED, note=_V6)
+                               negative_flags=["--disable-kv-cache"], status=PLANNED, note=_LATER)
     kv_cache_len: int = _s(4096, "FRAMEPACK_KV_CACHE_LEN", [], "max cached sequence length", min=1, max=1 << 20,
-                           group="caches", status=PLANNED, note=_V6)
+                           group="caches", status=PLANNED, note=_LATER)
     kv_cache_verbose: bool = _s(False, "FRAMEPACK_KV_CACHE_VERBOSE", [], "debug logging", group="caches",
-                                status=PLANNED, note=_V6)
+                                status=PLANNED, note=_LATER)
     runtime_cache: bool = _s(True, "FRAMEPACK_RUNTIME_CACHE", [], "persist cache states between jobs",
-                             group="caches", status=PLANNED, note=_V6)
+                             group="caches", status=PLANNED, note=_LATER)
     runtime_cache_dir: str = _s("cache/runtime_caches", "FRAMEPACK_RUNTIME_CACHE_DIR", [],
                                 "where cache states are kept", group="caches", kind="path", status=PLANNED,
-                                note=_V6)
+                                note=_LATER)
 
     # -- VAE decode ---------------------------------------------------------------------------------------------
     async_decode: str = _s("auto", "FRAMEPACK_ASYNC_DECODE", ["--async-decode"],
@@ -294,12 +299,12 @@ class Settings:
 
     # -- loading ------------------------------------------------------------------------------------------------
     parallel_loaders: int = _s(1, "FRAMEPACK_PARALLEL_LOADERS", [], "threads loading model parts", min=1, max=16,
-                               group="loading", status=PLANNED, note=_V7)
+                               group="loading", status=PLANNED, note=_LATER)
     preload_repos: bool = _s(False, "FRAMEPACK_PRELOAD_REPOS", [], "download every repo at start-up",
-                             group="loading", status=PLANNED, note=_V7)
+                             group="loading", status=PLANNED, note=_LATER)
     force_parallel_loaders: bool = _s(False, "FRAMEPACK_FORCE_PARALLEL_LOADERS", [],
                                       "parallel loading even when RAM is short", group="loading", status=PLANNED,
-                                      note=_V7)
+                                      note=_LATER)
 
 
 def job_defaults(s: "Settings") -> dict:

@@ -1,9 +1,9 @@
 """Speed options for the transformer: attention backend and regional torch.compile.
 
-The attention backend goes through diffusers' attention dispatcher. "standard" picks PyTorch SDPA
-with the fastest kernel for the GPU (cuDNN attention on Hopper, which REFERENCE.md measured at 628
-TFLOP/s against 370 for PyTorch's flash kernel at FramePack's shape); "aggressive" forces xFormers;
-"off" leaves PyTorch's default SDPA dispatch. Regional compile compiles one dual-stream and one
+The attention backend goes through diffusers' attention dispatcher. "standard" uses PyTorch SDPA,
+whose dispatch picks cuDNN attention on Hopper at FramePack's shape (REFERENCE.md: 628 TFLOP/s against
+370 for the flash kernel; forcing it gave identical latents); "aggressive" forces xFormers; "off"
+leaves PyTorch's default SDPA dispatch too. A backend can still be forced (FRAMEPACK_ATTENTION_BACKEND). Regional compile compiles one dual-stream and one
 single-stream block graph and reuses them for all 60 blocks, with Inductor's caches on disk so a
 second launch does not compile again.
 """
@@ -31,10 +31,10 @@ def choose_attention_backend(xformers_mode: str, requested: str, device: torch.d
         return requested
     if xformers_mode == "aggressive":
         return "xformers"
-    if xformers_mode == "off" or device.type != "cuda":
-        return "native"
-    major, _ = torch.cuda.get_device_capability(device)
-    return "cudnn" if major >= 9 else "native"
+    # "standard" and "off" both leave the kernel choice to PyTorch's SDPA dispatch: on Hopper it already
+    # picks cuDNN attention at FramePack's shapes (measured bit-identical to forcing it), and unlike a
+    # forced backend it falls back where cuDNN has no kernel (small head sizes)
+    return "native"
 
 
 def set_attention_backend(transformer, backend: str) -> str:
@@ -69,7 +69,9 @@ def compile_blocks(transformer, mode: str = "default") -> int:
         raise TypeError("this transformer has no compile_repeated_blocks (needs diffusers' ModelMixin)")
     transformer._repeated_blocks = REPEATED_BLOCKS  # the FramePack class does not declare them
     kwargs = {} if mode == "default" else {"mode": mode}
-    transformer.compile_repeated_blocks(dynamic=False, **kwargs)
+    # dynamic=None: the first shape compiles static kernels; a second text length (prompts differ) marks that
+    # dimension dynamic once, instead of recompiling for every prompt length
+    transformer.compile_repeated_blocks(dynamic=None, **kwargs)
     count = sum(1 for m in transformer.modules() if m.__class__.__name__ in REPEATED_BLOCKS)
     log.info("torch.compile enabled for transformer (%d repeated blocks, mode %s)", count, mode)
     return count
@@ -86,21 +88,37 @@ class SpeedOptions:
     fp8_target_keys: tuple = ()
     fp8_exclude_keys: tuple = ("norm",)
     fp8_use_scaled_mm: bool = True
+    quant_bits: int | None = None  # torchao INT8/INT4 weights (FRAMEPACK_ENABLE_QUANT, FRAMEPACK_QUANT_BITS)
+    warmup: bool = True  # compile at start-up with one forward, unless FRAMEPACK_FAST_START
+    module_cache: bool = True  # Inductor's caches in cache_dir (FRAMEPACK_ENABLE_MODULE_CACHE)
 
 
-def apply_speed(transformer, options: SpeedOptions, device: torch.device) -> dict:
-    """Attention backend, FP8 linears, then regional compile; returns what is active (log, sidecars)."""
-    backend = set_attention_backend(transformer, choose_attention_backend(options.xformers_mode, options.attention,
-                                                                          device))
-    fp8 = 0
+def convert_weights(transformer, options: SpeedOptions) -> dict:
+    """FP8 or torchao integer linears: before placement, which lays the weights out as they will run."""
+    fp8 = quant = 0
+    if options.fp8 and options.quant_bits:
+        raise ValueError("choose FP8 (FRAMEPACK_ENABLE_FP8) or torchao integers (FRAMEPACK_ENABLE_QUANT), not both")
     if options.fp8 and not getattr(transformer, "_framepack_fp8", False):
         from .fp8 import convert_to_fp8
 
         fp8 = convert_to_fp8(transformer, options.fp8_target_keys, options.fp8_exclude_keys, options.fp8_use_scaled_mm)
         transformer._framepack_fp8 = True
+    if options.quant_bits and not getattr(transformer, "_framepack_quant", None):
+        from .quant import quantize_torchao
+
+        quant = quantize_torchao(transformer, options.quant_bits)
+        transformer._framepack_quant = options.quant_bits
+    return {"fp8_linears": fp8, "int_linears": quant}
+
+
+def apply_speed(transformer, options: SpeedOptions, device: torch.device) -> dict:
+    """Attention backend, then regional compile; returns what is active (log, sidecars)."""
+    backend = set_attention_backend(transformer, choose_attention_backend(options.xformers_mode, options.attention,
+                                                                          device))
     compiled = 0
     if options.compile and not getattr(transformer, "_framepack_compiled", False):
-        use_compile_cache(options.cache_dir)
+        if options.module_cache:
+            use_compile_cache(options.cache_dir)
         compiled = compile_blocks(transformer, options.compile_mode)
         transformer._framepack_compiled = True
-    return {"attention": backend, "fp8_linears": fp8, "compiled_blocks": compiled}
+    return {"attention": backend, "compiled_blocks": compiled}

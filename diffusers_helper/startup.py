@@ -69,11 +69,22 @@ def speed_options(settings: Settings):
     from .speed import SpeedOptions
 
     return SpeedOptions(attention=settings.attention_backend, xformers_mode=settings.xformers_mode,
-                        compile=settings.enable_compile and not settings.fast_start,
+                        compile=settings.enable_compile, warmup=not settings.fast_start,
+                        module_cache=settings.enable_module_cache,
                         compile_mode=settings.compile_mode, cache_dir=settings.cache_dir, fp8=settings.enable_fp8,
                         fp8_target_keys=tuple(settings.fp8_target_keys),
                         fp8_exclude_keys=tuple(settings.fp8_exclude_keys),
-                        fp8_use_scaled_mm=settings.fp8_use_scaled_mm)
+                        fp8_use_scaled_mm=settings.fp8_use_scaled_mm,
+                        quant_bits=settings.quant_bits if settings.enable_quant else None)
+
+
+def quant_options(settings: Settings):
+    """bitsandbytes, applied while loading (torchao is a SpeedOptions conversion after loading)."""
+    from .quant import QuantOptions
+
+    if not settings.use_bnb:
+        return None
+    return QuantOptions(bnb_bits=4 if settings.bnb_load_in_4bit else 8, bnb_double_quant=settings.bnb_double_quant)
 
 
 def engine_provider(settings: Settings, **overrides):
@@ -84,7 +95,8 @@ def engine_provider(settings: Settings, **overrides):
     kwargs = dict(models_dir=s.models_dir or None, offline=True if (s.offline or s.tiny) else None,
                   device=device_arg(s), outputs_dir=s.output_dir, placement=placement_override(s),
                   decode_options=decode_options(s), async_decode=s.async_decode, speed=speed_options(s),
-                  fp8_storage=s.fp8_storage, opt_cache=s.optimized_transformer if s.enable_opt_cache else None)
+                  fp8_storage=s.fp8_storage, bnb=quant_options(s),
+                  opt_cache=s.optimized_transformer if s.enable_opt_cache and not s.fast_start else None)
     kwargs.update(overrides)
     return EngineProvider(**kwargs)
 

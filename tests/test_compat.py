@@ -33,6 +33,7 @@ def test_quiet_baseline():
     ("preservation-exceeds-vram", quiet(gpu_memory_preservation=16), RTX3060, WARNING, None),
     ("several-quantizers", quiet(enable_fp8=True, use_bnb=True), dataclasses.replace(
         H100, packages=frozenset({"bitsandbytes"})), CRITICAL, None),
+    ("bnb-needs-cuda", quiet(use_bnb=True, tiny=True), CPU, CRITICAL, None),
     ("compile-with-torchscript", quiet(enable_compile=True, jit_mode="trace"), H100, WARNING, None),
     ("missing-package", quiet(xformers_mode="aggressive"), H100, CRITICAL, None),
     ("fp8-without-hardware", quiet(enable_fp8=True), RTX3060, CRITICAL, None),

@@ -89,12 +89,12 @@ def test_unknown_variable_suggests_nearest(tmp_path):
 
 
 def test_planned_and_unsupported_settings_say_so(tmp_path):
-    loaded = load(env={"FRAMEPACK_USE_BNB": "1", "FRAMEPACK_JIT_MODE": "trace"}, tmp_path=tmp_path)
+    loaded = load(env={"FRAMEPACK_ENABLE_FBCACHE": "1", "FRAMEPACK_JIT_MODE": "trace"}, tmp_path=tmp_path)
     text = "\n".join(loaded.warnings)
-    assert "FRAMEPACK_USE_BNB: not available in this version" in text
+    assert "FRAMEPACK_ENABLE_FBCACHE: not available in this version" in text
     assert "FRAMEPACK_JIT_MODE: not offered (TorchScript" in text
     # setting an active option, or a planned one to its default, warns about nothing
-    assert load(env={"FRAMEPACK_STEPS": "20", "FRAMEPACK_USE_BNB": "0"}, tmp_path=tmp_path).warnings == []
+    assert load(env={"FRAMEPACK_STEPS": "20", "FRAMEPACK_ENABLE_FBCACHE": "0"}, tmp_path=tmp_path).warnings == []
 
 
 def test_booleans_and_lists(tmp_path):
@@ -135,11 +135,11 @@ def test_docs_table_in_sync():
 
 
 def test_explain_lists_values_and_sources(tmp_path):
-    loaded = load(["--seed", "5"], env={"FRAMEPACK_STEPS": "30", "FRAMEPACK_USE_BNB": "1"}, tmp_path=tmp_path)
+    loaded = load(["--seed", "5"], env={"FRAMEPACK_STEPS": "30", "FRAMEPACK_ENABLE_FBCACHE": "1"}, tmp_path=tmp_path)
     out = explain(loaded)
     assert re.search(r"seed\s+5\s+cli \(--seed\)", out)
     assert re.search(r"steps\s+30\s+env \(FRAMEPACK_STEPS\)", out)
-    assert re.search(r"use_bnb\s+True\s+env \(FRAMEPACK_USE_BNB\)\s+planned", out)
+    assert re.search(r"enable_fbcache\s+True\s+env \(FRAMEPACK_ENABLE_FBCACHE\)\s+planned", out)
     assert "mp4_crf" not in out and "mp4_crf" in explain(loaded, all_settings=True)
 
 
