@@ -51,7 +51,6 @@ class _Block:
     gpu: torch.Tensor | None = None  # flat copy when resident
     slot: int | None = None  # ring slot holding a streamed copy
     ready: object = None  # event: the copy into `slot` finished
-    bound: bool = False  # its tensors currently point into a slot
     views: dict = field(default_factory=dict)  # slot -> tensor views, built once
 
 
@@ -143,7 +142,7 @@ class BlockStreamer:
         self._streamed: list[int] = []  # block indices streamed, in execution order
         self._position: dict[int, int] = {}
         self.active = False
-        self._bound: _Block | None = None
+        self._bound: _Block | None = None  # the streamed block running now: its tensors point into a slot
         self.pinned = False
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
         self.bytes_copied = 0
@@ -212,7 +211,7 @@ class BlockStreamer:
         of resident blocks."""
         for part in self._other_parts():
             part.to(self.device)
-        self._unbind_stale()
+        self._unbind_current()
         resident = plan_resident([b.nbytes for b in self.blocks], budget_bytes - self.non_block_bytes(),
                                  self.slots_n, max_resident)
         if self.cuda:
@@ -258,7 +257,7 @@ class BlockStreamer:
         parts moved to the CPU."""
         if self.cuda:
             torch.cuda.current_stream(self.device).synchronize()
-        self._unbind_stale()
+        self._unbind_current()
         for block in self.blocks:
             block.gpu = None
             _bind(block.tensors, block.views["cpu"])
@@ -287,7 +286,7 @@ class BlockStreamer:
         owner = self._slot_owner[s]
         if owner is not None:
             old = self.blocks[owner]
-            if old.bound:
+            if old is self._bound:
                 return False
             old.slot, old.ready = None, None
         self._next_slot = (s + 1) % len(self.slots)
@@ -306,22 +305,22 @@ class BlockStreamer:
         self.bytes_copied += block.nbytes
         return True
 
-    def _unbind_stale(self) -> None:
-        """A forward that raised (an OOM, say) leaves its block bound to a slot; blocks run one at a
-        time, so any block still bound when another starts is stale."""
+    def _unbind_current(self) -> None:
+        """Point the running block's tensors back at their pinned copies: after its forward, or before
+        another block starts when its forward raised (an OOM, say), since blocks run one at a time."""
         block, self._bound = self._bound, None
         if block is not None:
             _bind(block.tensors, block.views["cpu"])
-            block.bound = False
 
+    @torch.compiler.disable  # runs around a compiled block: streams and events stay eager
     def _before(self, block: _Block) -> None:
         if block.gpu is not None:
             return
         if not self.active:
             raise RuntimeError("the transformer's blocks are not placed: call activate() before running it")
-        if self.skip is not None and block.index != self.blocks[0].index and self.skip():
+        if self.skip is not None and block is not self.blocks[0] and self.skip():
             return  # TeaCache reuses the cached residual: this block's weights are not read
-        self._unbind_stale()
+        self._unbind_current()
         if block.slot is None:
             self._load(block)
         if self.cuda:
@@ -329,7 +328,7 @@ class BlockStreamer:
         if block.slot not in block.views:
             block.views[block.slot] = _views(self.slots[block.slot], block.tensors)
         _bind(block.tensors, block.views[block.slot])
-        block.bound, self._bound = True, block
+        self._bound = block
         pos = self._position[block.index]
         for k in range(1, len(self.slots)):
             ahead = self.blocks[self._streamed[(pos + k) % len(self._streamed)]]
@@ -338,12 +337,12 @@ class BlockStreamer:
             if ahead.slot is None and not self._load(ahead):
                 break
 
+    @torch.compiler.disable
     def _after(self, block: _Block) -> None:
-        if not block.bound:
+        if block is not self._bound:
             return
         if self.cuda:
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(self.device))
             self._slot_free[block.slot] = event
-        _bind(block.tensors, block.views["cpu"])
-        block.bound, self._bound = False, None
+        self._unbind_current()

@@ -88,8 +88,7 @@ class Engine:
         converted = convert_weights(bundle.transformer, speed)  # before placement lays the weights out
         self.teacache = attach_teacache(bundle.transformer)  # before placement: offload hooks must wrap it
         self.placement.prepare(bundle, skip_blocks=self.teacache.skipping)
-        self.speed = {**apply_speed(bundle.transformer, speed, self.placement.compute_device()), **converted}
-        self.speed_options = speed
+        self.speed = {**apply_speed(bundle.transformer, speed), **converted}
         self.decoder = SectionDecoder(bundle.vae, decode_options)
         self.base_decode_options = self.decoder.options
         self.model_dtype = bundle.transformer.dtype

@@ -127,7 +127,7 @@ class Placement:
             return
         pinned = self.policy == "swap" and self.device.type == "cuda"
         transformer = models.get("transformer")
-        if transformer is not None and streamer_of(transformer) is None and not _is_streamed(transformer):
+        if transformer is not None and not _streams(transformer):
             if _is_bnb(transformer):
                 log.info("bitsandbytes transformer (%.1f GB) moves to the GPU whole when used",
                          model_bytes(transformer) / 1024**3)

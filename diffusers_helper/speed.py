@@ -3,9 +3,9 @@
 The attention backend goes through diffusers' attention dispatcher. "standard" uses PyTorch SDPA,
 whose dispatch picks cuDNN attention on Hopper at FramePack's shape (REFERENCE.md: 628 TFLOP/s against
 370 for the flash kernel; forcing it gave identical latents); "aggressive" forces xFormers; "off"
-leaves PyTorch's default SDPA dispatch too. A backend can still be forced (FRAMEPACK_ATTENTION_BACKEND). Regional compile compiles one dual-stream and one
-single-stream block graph and reuses them for all 60 blocks, with Inductor's caches on disk so a
-second launch does not compile again.
+leaves PyTorch's default SDPA dispatch too. A backend can still be forced (FRAMEPACK_ATTENTION_BACKEND).
+Regional compile compiles one dual-stream and one single-stream block graph and reuses them for all
+60 blocks, with Inductor's caches on disk so a second launch does not compile again.
 """
 
 from __future__ import annotations
@@ -15,8 +15,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 log = logging.getLogger("framepack.speed")
 
 BACKEND_NAMES = {"native": "native", "cudnn": "_native_cudnn", "flash": "_native_flash", "efficient":
@@ -25,8 +23,8 @@ BACKEND_NAMES = {"native": "native", "cudnn": "_native_cudnn", "flash": "_native
 REPEATED_BLOCKS = ["HunyuanVideoTransformerBlock", "HunyuanVideoSingleTransformerBlock"]
 
 
-def choose_attention_backend(xformers_mode: str, requested: str, device: torch.device) -> str:
-    """Backend name (our spelling) from the settings and the GPU."""
+def choose_attention_backend(xformers_mode: str, requested: str) -> str:
+    """Backend name (our spelling) from the settings."""
     if requested != "auto":
         return requested
     if xformers_mode == "aggressive":
@@ -111,10 +109,9 @@ def convert_weights(transformer, options: SpeedOptions) -> dict:
     return {"fp8_linears": fp8, "int_linears": quant}
 
 
-def apply_speed(transformer, options: SpeedOptions, device: torch.device) -> dict:
+def apply_speed(transformer, options: SpeedOptions) -> dict:
     """Attention backend, then regional compile; returns what is active (log, sidecars)."""
-    backend = set_attention_backend(transformer, choose_attention_backend(options.xformers_mode, options.attention,
-                                                                          device))
+    backend = set_attention_backend(transformer, choose_attention_backend(options.xformers_mode, options.attention))
     compiled = 0
     if options.compile and not getattr(transformer, "_framepack_compiled", False):
         if options.module_cache:

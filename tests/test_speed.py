@@ -11,11 +11,10 @@ from diffusers_helper.speed import (SpeedOptions, apply_speed, choose_attention_
 
 
 def test_backend_choice():
-    cpu = torch.device("cpu")
-    assert choose_attention_backend("standard", "auto", cpu) == "native"
-    assert choose_attention_backend("aggressive", "auto", cpu) == "xformers"
-    assert choose_attention_backend("off", "auto", cpu) == "native"
-    assert choose_attention_backend("standard", "cudnn", cpu) == "cudnn"  # an explicit choice wins
+    assert choose_attention_backend("standard", "auto") == "native"
+    assert choose_attention_backend("aggressive", "auto") == "xformers"
+    assert choose_attention_backend("off", "auto") == "native"
+    assert choose_attention_backend("standard", "cudnn") == "cudnn"  # an explicit choice wins
 
 
 def test_unavailable_backend_falls_back_and_says_so(tiny_bundles, caplog):
@@ -59,7 +58,7 @@ def test_apply_speed_reports_what_is_active(tiny_root):
     from diffusers_helper.tiny import tiny_spec
 
     t = load_models(tiny_spec("tiny", tiny_root), parts=["transformer"]).transformer
-    active = apply_speed(t, SpeedOptions(attention="math"), torch.device("cpu"))
+    active = apply_speed(t, SpeedOptions(attention="math"))
     assert active == {"attention": "math", "compiled_blocks": 0}
 
 
