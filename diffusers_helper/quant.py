@@ -23,17 +23,13 @@ EXCLUDE = ("norm",)  # modulation linears: small, and every token's scale and sh
 
 @dataclass(frozen=True)
 class QuantOptions:
-    torchao_bits: int | None = None  # 8 or 4: FRAMEPACK_ENABLE_QUANT with FRAMEPACK_QUANT_BITS
-    bnb_bits: int | None = None  # 8 or 4: FRAMEPACK_USE_BNB with FRAMEPACK_BNB_LOAD_IN_4BIT
+    """bitsandbytes at load time; torchao and FP8 are SpeedOptions, and startup.weight_format picks one."""
+    bnb_bits: int = 8  # 8 or 4: FRAMEPACK_USE_BNB with FRAMEPACK_BNB_LOAD_IN_4BIT
     bnb_double_quant: bool = False
 
     def __post_init__(self):
-        for name in ("torchao_bits", "bnb_bits"):
-            if getattr(self, name) not in (None, 4, 8):
-                raise ValueError(f"{name} must be 4 or 8, got {getattr(self, name)}")
-        if self.torchao_bits and self.bnb_bits:
-            raise ValueError("choose one quantization: torchao (FRAMEPACK_ENABLE_QUANT) or bitsandbytes "
-                             "(FRAMEPACK_USE_BNB)")
+        if self.bnb_bits not in (4, 8):
+            raise ValueError(f"bnb_bits must be 4 or 8, got {self.bnb_bits}")
 
 
 def _block_linear(module: torch.nn.Module, name: str) -> bool:

@@ -307,6 +307,26 @@ class Settings:
                                       note=_LATER)
 
 
+def weight_formats(s: "Settings") -> list[str]:
+    """The transformer weight formats the settings ask for, in the order start-up prefers them.
+
+    A linear layer can be replaced by one quantizer only, so start-up uses the first and the
+    "several-quantizers" compatibility check names the rest as ignored."""
+    chosen = []
+    if s.enable_fp8:
+        chosen.append("fp8")
+    if s.enable_quant:
+        chosen.append(f"int{s.quant_bits}")
+    if s.use_bnb:
+        chosen.append("nf4" if s.bnb_load_in_4bit else "bnb8")
+    return chosen or ["bf16"]
+
+
+WEIGHT_FORMAT_NAMES = {"bf16": "bf16", "fp8": "FP8 (FRAMEPACK_ENABLE_FP8)", "int8": "torchao INT8 (FRAMEPACK_ENABLE_QUANT)",
+                       "int4": "torchao INT4 (FRAMEPACK_ENABLE_QUANT)", "bnb8": "bitsandbytes 8-bit (FRAMEPACK_USE_BNB)",
+                       "nf4": "bitsandbytes NF4 (FRAMEPACK_USE_BNB)"}
+
+
 def job_defaults(s: "Settings") -> dict:
     """Starting values of a job's controls, keyed by GenerationRequest field (UI, CLI and API share it)."""
     return {"seed": s.seed, "seconds": s.video_length, "latent_window_size": s.latent_window_size, "steps": s.steps,

@@ -65,26 +65,35 @@ def decode_options(settings: Settings):
                          trt_max_cached_shapes=settings.trt_max_cached_shapes)
 
 
+def weight_format(settings: Settings) -> str:
+    """The one format the transformer's weights run in ("bf16", "fp8", "int8", "int4", "bnb8", "nf4")."""
+    from .settings import weight_formats
+
+    return weight_formats(settings)[0]
+
+
 def speed_options(settings: Settings):
     from .speed import SpeedOptions
 
+    fmt = weight_format(settings)
     return SpeedOptions(attention=settings.attention_backend, xformers_mode=settings.xformers_mode,
                         compile=settings.enable_compile, warmup=not settings.fast_start,
                         module_cache=settings.enable_module_cache,
-                        compile_mode=settings.compile_mode, cache_dir=settings.cache_dir, fp8=settings.enable_fp8,
+                        compile_mode=settings.compile_mode, cache_dir=settings.cache_dir, fp8=fmt == "fp8",
                         fp8_target_keys=tuple(settings.fp8_target_keys),
                         fp8_exclude_keys=tuple(settings.fp8_exclude_keys),
                         fp8_use_scaled_mm=settings.fp8_use_scaled_mm,
-                        quant_bits=settings.quant_bits if settings.enable_quant else None)
+                        quant_bits={"int8": 8, "int4": 4}.get(fmt))
 
 
 def quant_options(settings: Settings):
-    """bitsandbytes, applied while loading (torchao is a SpeedOptions conversion after loading)."""
+    """bitsandbytes, applied while loading (FP8 and torchao are SpeedOptions conversions after loading)."""
     from .quant import QuantOptions
 
-    if not settings.use_bnb:
+    fmt = weight_format(settings)
+    if fmt not in ("bnb8", "nf4"):
         return None
-    return QuantOptions(bnb_bits=4 if settings.bnb_load_in_4bit else 8, bnb_double_quant=settings.bnb_double_quant)
+    return QuantOptions(bnb_bits=4 if fmt == "nf4" else 8, bnb_double_quant=settings.bnb_double_quant)
 
 
 def engine_provider(settings: Settings, **overrides):

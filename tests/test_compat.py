@@ -34,6 +34,7 @@ def test_quiet_baseline():
     ("several-quantizers", quiet(enable_fp8=True, use_bnb=True), dataclasses.replace(
         H100, packages=frozenset({"bitsandbytes"})), CRITICAL, None),
     ("bnb-needs-cuda", quiet(use_bnb=True, tiny=True), CPU, CRITICAL, None),
+    ("slower-than-bf16", quiet(enable_fp8=True), H100, WARNING, None),
     ("compile-with-torchscript", quiet(enable_compile=True, jit_mode="trace"), H100, WARNING, None),
     ("missing-package", quiet(xformers_mode="aggressive"), H100, CRITICAL, None),
     ("fp8-without-hardware", quiet(enable_fp8=True), RTX3060, CRITICAL, None),
@@ -51,6 +52,11 @@ def test_rules_stay_quiet_when_fixed():
     assert "missing-package" not in rules_of(quiet(xformers_mode="aggressive"),
                                              dataclasses.replace(H100, packages=frozenset({"xformers"})))
     assert "fp8-without-hardware" not in rules_of(quiet(enable_fp8=True), H100)
+    assert "slower-than-bf16" not in rules_of(quiet(enable_fp8=True, enable_compile=True), H100)
+    assert "slower-than-bf16" not in rules_of(quiet(use_bnb=True, bnb_load_in_4bit=True), H100)  # NF4 keeps pace
+    bnb8 = rules_of(quiet(use_bnb=True), dataclasses.replace(H100, packages=frozenset({"bitsandbytes"})))
+    assert "1.5x slower" in bnb8["slower-than-bf16"].message
+    assert "INT4" in rules_of(quiet(enable_quant=True, quant_bits=4), H100)["slower-than-bf16"].message
     assert "keep-in-gpu-without-room" not in rules_of(quiet(keep_models_in_gpu=True), H100)
     assert "keep-in-gpu-without-room" not in rules_of(quiet(keep_models_in_gpu=True, tiny=True), RTX3060)
     assert "real-models-on-cpu" not in rules_of(quiet(tiny=True), CPU)

@@ -12,7 +12,7 @@ from diffusers_helper.quant import QuantOptions, bnb_config, check_bnb_usable, h
 from diffusers_helper.request import GenerationRequest
 from diffusers_helper.settings import Settings
 from diffusers_helper.speed import SpeedOptions, convert_weights
-from diffusers_helper.startup import quant_options, speed_options
+from diffusers_helper.startup import quant_options, speed_options, weight_format
 from diffusers_helper.tiny import build_tiny_transformer
 from diffusers_helper.warmup import forward_fn, section_inputs
 
@@ -71,8 +71,22 @@ def test_settings_map_to_quantization():
     assert quant_options(Settings()) is None
     assert quant_options(Settings(use_bnb=True, bnb_load_in_4bit=True, bnb_double_quant=True)) == QuantOptions(
         bnb_bits=4, bnb_double_quant=True)
-    with pytest.raises(ValueError, match="choose one"):
-        QuantOptions(torchao_bits=8, bnb_bits=8)
+    with pytest.raises(ValueError, match="must be 4 or 8"):
+        QuantOptions(bnb_bits=2)
+
+
+def test_one_weight_format_wins_when_several_are_on():
+    """FP8 and bitsandbytes both replace nn.Linear: start-up converts with one, and the compat check says which."""
+    from diffusers_helper.compat import SystemInfo, check
+
+    s = Settings(enable_fp8=True, use_bnb=True, enable_quant=True, quant_bits=4)
+    assert weight_format(s) == "fp8"
+    assert speed_options(s).fp8 and speed_options(s).quant_bits is None and quant_options(s) is None
+    s = Settings(use_bnb=True, enable_quant=True)
+    assert weight_format(s) == "int8" and speed_options(s).quant_bits == 8 and quant_options(s) is None
+    finding = next(f for f in check(s, SystemInfo(cuda=True)) if f.rule == "several-quantizers")
+    assert "torchao INT8 (FRAMEPACK_ENABLE_QUANT) is used" in finding.message
+    assert weight_format(Settings()) == "bf16" and weight_format(Settings(use_bnb=True, bnb_load_in_4bit=True)) == "nf4"
 
 
 def test_bnb_config_keeps_embedders_and_modulation_in_bf16():
