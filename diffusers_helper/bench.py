@@ -6,7 +6,10 @@ On a GPU it builds the full-size FramePack transformer with random bf16 weights 
 uses the 640x640 bucket, window 9 (about 18.6k tokens with the history); on the CPU the tiny model
 at 64x64. Per configuration: seconds per forward (median), per section (25 steps) and per video
 frame, peak VRAM, achieved TFLOP/s (FLOPs counted once with PyTorch's FlopCounterMode), and
-fidelity: the relative L2 error of one section's latents against the eager run with the same seed.
+fidelity against the first configuration (the eager bf16 run): the relative L2 error of one
+forward's output on the same inputs, and of one section's latents with the same seed. Random weights
+amplify small differences over a section's steps, so the per-forward figure is the one that isolates
+what a configuration itself changes.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import json
 import logging
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,11 +33,17 @@ from .warmup import section_inputs as _inputs
 
 log = logging.getLogger("framepack.bench")
 
-WEIGHTS = {"bf16": None, "fp8": None, "int8": 8, "int4": 4}  # weight formats, and their torchao bits
+WEIGHTS = {"bf16": None, "fp32": None, "fp8": None, "int8": 8, "int4": 4, "bnb8": None, "nf4": None}  # torchao bits
+BNB_BITS = {"bnb8": 8, "nf4": 4}
 
 
-def _transformer(device: torch.device):
-    """The same weights every call (fixed seed), so each configuration starts from a fresh copy."""
+def _transformer(device: torch.device, weights: str = "bf16"):
+    """The same weights every call (fixed seed), so each configuration starts from a fresh copy.
+
+    bitsandbytes quantizes while loading, as in the app: the random model is saved once and loaded
+    back through diffusers' from_pretrained with the app's quantization config."""
+    if weights in BNB_BITS:
+        return _bnb_transformer(device, BNB_BITS[weights])
     torch.manual_seed(0)
     if device.type == "cuda":
         from .fullsize import build_transformer
@@ -44,6 +54,24 @@ def _transformer(device: torch.device):
 
     bundle = load_models(tiny_spec("tiny", ensure_tiny_models()), parts=["transformer"])
     return bundle.transformer.to(device), torch.float32, 64
+
+
+def _bnb_transformer(device: torch.device, bits: int):
+    from diffusers import HunyuanVideoFramepackTransformer3DModel
+
+    from .quant import bnb_config, check_bnb_usable
+
+    check_bnb_usable()
+    path = Path(tempfile.gettempdir()) / "framepack-bench-transformer"
+    if not (path / "config.json").exists():
+        model, _, _ = _transformer(device)
+        model.save_pretrained(path)
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+    model = HunyuanVideoFramepackTransformer3DModel.from_pretrained(path, quantization_config=bnb_config(bits),
+                                                                     torch_dtype=torch.bfloat16)
+    return model.eval().requires_grad_(False), torch.bfloat16, 640
 
 
 def _sync(device):
@@ -59,14 +87,20 @@ def count_flops(run) -> float:
     return float(counter.get_total_flops())
 
 
+def _rel_l2(x: torch.Tensor, ref: torch.Tensor) -> float:
+    x, ref = x.detach().cpu().double(), ref.detach().cpu().double()
+    return float(torch.linalg.vector_norm(x - ref) / torch.linalg.vector_norm(ref))
+
+
 def bench_config(name, transformer, cond, noise, dtype, device, repeats, flops, fidelity_steps, reference):
+    """One configuration's row, and its (forward output, section latents) for the next rows to compare with."""
     run = _forward_fn(transformer, cond, noise, dtype, device)
     _sync(device)
     t0 = time.perf_counter()
-    run()
+    out = run()
     _sync(device)
     first = time.perf_counter() - t0
-    run()
+    out = run().float().cpu()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []
@@ -85,10 +119,10 @@ def bench_config(name, transformer, cond, noise, dtype, device, repeats, flops, 
         latents = sample_section(transformer, noise=noise, steps=fidelity_steps, positive=cond, negative=cond,
                                  guidance=Guidance(), dtype=dtype, device=device)
     if reference is not None:
-        ref = reference.double()
-        row["rel_l2_vs_eager"] = float(torch.linalg.vector_norm(latents.double() - ref) / torch.linalg.vector_norm(ref))
+        row["rel_l2_forward"] = _rel_l2(out, reference[0])
+        row["rel_l2_section"] = _rel_l2(latents, reference[1])
     log.info("%s: %s", name, row)
-    return row, latents
+    return row, (out, latents.float().cpu())
 
 
 def main(argv=None) -> int:
@@ -125,24 +159,36 @@ def main(argv=None) -> int:
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            transformer, dtype, size = _transformer(device)
+            transformer, dtype, size = _transformer(device, weights)
             state = None
-        if state is None or state[0] != weights:
+        if state is None and weights in BNB_BITS and not any(type(m).__module__.startswith("bitsandbytes")
+                                                              for m in transformer.modules()):
+            del transformer
+            gc.collect()
+            torch.cuda.empty_cache()
+            transformer, dtype, size = _transformer(device, weights)
+        if (state is None or state[0] != weights) and weights not in BNB_BITS:
             convert_weights(transformer, SpeedOptions(fp8=weights == "fp8", quant_bits=WEIGHTS[weights]))
+        # "fp32": the exact computation (no TF32), to see how far bf16 itself is from it
+        run_dtype = torch.float32 if weights == "fp32" else dtype
+        if weights == "fp32":
+            transformer.to(run_dtype)
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = weights != "fp32"
         if mode is not None and (state is None or state[1] is None):
             compile_blocks(transformer, mode)
         state = (weights, mode)
         backend = next((p for p in parts if p not in ("compile", "compile-max", "eager", *WEIGHTS)), "native")
         set_attention_backend(transformer, backend)
-        row, latents = bench_config(name, transformer, cond, noise, dtype, device, args.repeats, flops,
+        run_cond = {k: v.to(run_dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in cond.items()}
+        row, outputs = bench_config(name, transformer, run_cond, noise, run_dtype, device, args.repeats, flops,
                                     args.fidelity_steps, reference)
         if reference is None:
-            reference = latents
+            reference = outputs
         results["configs"][name] = row
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+        if args.out:  # after every configuration, so a run cut short keeps what it measured
+            Path(args.out).write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
     return 0
 
 
