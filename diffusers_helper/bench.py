@@ -128,8 +128,8 @@ def bench_config(name, transformer, cond, noise, dtype, device, repeats, flops, 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m diffusers_helper.bench", description=__doc__.splitlines()[0])
     ap.add_argument("--configs", default="eager,cudnn,compile,compile+cudnn",
-                    help="comma-separated; each joins with '+' a weight format (bf16 by default, fp8, int8, "
-                         "int4), a compile (compile, or compile-max for max-autotune without CUDA graphs) and an "
+                    help="comma-separated; each joins with '+' a weight format (bf16 by default, fp32 with TF32 "
+                         "off, fp8, int8, int4, or bitsandbytes bnb8 / nf4 on CUDA), a compile (compile, or compile-max for max-autotune without CUDA graphs) and an "
                          "attention backend (cudnn, flash, efficient, sage, ...). The first is the fidelity "
                          "reference.")
     ap.add_argument("--repeats", type=int, default=5)

@@ -1,8 +1,12 @@
-"""Optimized-transformer cache (FRAMEPACK_ENABLE_OPT_CACHE): save the FP8-converted transformer once,
-then load it directly, without reading the 26 GB bf16 checkpoint or converting it again.
+"""Optimized-transformer cache (FRAMEPACK_ENABLE_OPT_CACHE): save the FP8- or torchao-quantized
+transformer once, then load it directly, without reading the 26 GB bf16 checkpoint or converting it
+again.
 
-The file is safetensors (float8 tensors included) with a JSON header naming the model config and the
-conversion options; a file made for other options or another model is not used.
+FP8 goes to safetensors (float8 tensors included) with a JSON header naming the model config and the
+conversion options. torchao's weights are tensor subclasses, which safetensors cannot hold, so they
+go through torch.save and come back with torch.load(weights_only=True): torchao registers its
+classes as safe to load, and nothing else in the file is unpickled. A file made for other options or
+another model is not used.
 """
 
 from __future__ import annotations
@@ -23,49 +27,69 @@ log = logging.getLogger("framepack.opt_cache")
 FORMAT = 1
 
 
-def cache_key(source: str, dtype: torch.dtype, fp8_target_keys, fp8_exclude_keys, use_scaled_mm: bool) -> str:
-    """What the cached file was made from: the transformer's repo or folder, its dtype, the options."""
-    blob = json.dumps({"format": FORMAT, "source": source, "dtype": str(dtype), "target": list(fp8_target_keys),
-                       "exclude": list(fp8_exclude_keys), "scaled_mm": use_scaled_mm}, sort_keys=True)
+def cache_key(source: str, dtype: torch.dtype, fmt: str, options: dict) -> str:
+    """What the cached file was made from: the transformer's repo or folder, its dtype, the format and options."""
+    blob = json.dumps({"format": FORMAT, "source": source, "dtype": str(dtype), "weights": fmt, **options},
+                      sort_keys=True, default=list)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def cache_path(setting: str | Path, model: str, key: str) -> Path:
-    """A folder setting gets one file per model and options; a file setting is used as given."""
+def cache_path(setting: str | Path, model: str, fmt: str, key: str) -> Path:
+    """A folder setting gets one file per model, format and options; a file setting is used as given."""
     path = Path(setting)
-    return path / f"{model}-fp8-{key}.safetensors" if path.suffix == "" else path
+    suffix = ".safetensors" if fmt == "fp8" else ".pt"
+    return path / f"{model}-{fmt}-{key}{suffix}" if path.suffix == "" else path
 
 
-def save_optimized(transformer, path: str | Path, key: str) -> Path:
+def _config(transformer) -> str:
+    return json.dumps(dict(transformer.config), default=str)
+
+
+def save_optimized(transformer, path: str | Path, key: str, fmt: str = "fp8") -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial")
-    state = {k: v.contiguous() for k, v in transformer.state_dict().items()}
-    save_file(state, str(tmp), metadata={"framepack_key": key, "config": json.dumps(dict(transformer.config),
-                                                                                   default=str)})
+    if fmt == "fp8":
+        state = {k: v.contiguous() for k, v in transformer.state_dict().items()}
+        save_file(state, str(tmp), metadata={"framepack_key": key, "config": _config(transformer)})
+    else:
+        torch.save({"framepack_key": key, "config": _config(transformer), "state": transformer.state_dict()}, tmp)
     os.replace(tmp, path)
     log.info("Saved optimized transformer weights to %s", path)
     return path
 
 
-def load_optimized(cls, path: str | Path, key: str, fp8_target_keys, fp8_exclude_keys, use_scaled_mm: bool,
-                   dtype: torch.dtype):
+def _read(path: Path, key: str, fmt: str, fp8_options: dict):
+    """(config, state, how to prepare the empty model), or None when the file was made with other options."""
+    if fmt != "fp8":
+        blob = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        if blob.get("framepack_key") != key:
+            return None
+        return json.loads(blob["config"]), blob["state"], lambda model: None
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("framepack_key") != key:
+            return None
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    # the FP8 file holds plain tensors, so the empty model needs its FP8 modules before they are assigned
+    return json.loads(meta["config"]), state, lambda model: convert_to_fp8(model, **fp8_options)
+
+
+def load_optimized(cls, path: str | Path, key: str, dtype: torch.dtype, fmt: str = "fp8", fp8_options=None):
     """The cached transformer, or None when there is no usable file (missing, other options, broken)."""
     path = Path(path)
     if not path.is_file():
         return None
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("framepack_key") != key:
-                log.info("Optimized transformer cache %s was made with other options; rebuilding it", path)
-                return None
-            config = json.loads(meta["config"])
-            with torch.device("meta"):
-                model = cls.from_config(config)
-            model.to(dtype)
-            convert_to_fp8(model, fp8_target_keys, fp8_exclude_keys, use_scaled_mm)
-            state = {k: f.get_tensor(k) for k in f.keys()}
+        read = _read(path, key, fmt, fp8_options or {})
+        if read is None:
+            log.info("Optimized transformer cache %s was made with other options; rebuilding it", path)
+            return None
+        config, state, prepare = read
+        with torch.device("meta"):
+            model = cls.from_config(config)
+        model.to(dtype)
+        prepare(model)
         missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
         if missing or unexpected:
             log.warning("Optimized transformer cache %s does not match the model (%d missing, %d unexpected); "
@@ -75,6 +99,9 @@ def load_optimized(cls, path: str | Path, key: str, fp8_target_keys, fp8_exclude
         log.warning("Optimized transformer cache %s unreadable (%s); rebuilding it", path, exc.__class__.__name__)
         return None
     model.eval().requires_grad_(False)
-    model._framepack_fp8 = True
+    if fmt == "fp8":
+        model._framepack_fp8 = True
+    else:
+        model._framepack_quant = int(fmt[3:])
     log.info("Loaded optimized transformer weights from %s", path)
     return model

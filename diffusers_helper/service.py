@@ -34,7 +34,7 @@ class EngineProvider:
         self.async_decode = async_decode
         self.speed = speed
         self.fp8_storage = fp8_storage
-        self.opt_cache = opt_cache  # where FP8 transformers are cached, or None
+        self.opt_cache = opt_cache  # where FP8 / torchao transformers are cached, or None
         self.bnb = bnb  # quant.QuantOptions with bnb_bits, or None
         self._engine: Engine | None = None
         self._lock = threading.Lock()
@@ -75,7 +75,7 @@ class EngineProvider:
             if cached_path is not None and "transformer" in missing:
                 from .opt_cache import save_optimized
 
-                save_optimized(bundle.transformer, cached_path, self._opt_key(spec))
+                save_optimized(bundle.transformer, cached_path, self._opt_key(spec), self._opt_format())
             if self.speed is not None and self.speed.warmup:
                 if progress is not None:
                     progress("Compiling the transformer (warm-up)")
@@ -92,25 +92,36 @@ class EngineProvider:
         return {"quantization_config": bnb_config(self.bnb.bnb_bits, self.bnb.bnb_double_quant,
                                                   spec.transformer.dtype or torch.bfloat16)}
 
+    def _opt_format(self) -> str | None:
+        """The converted format worth caching: FP8 or torchao integers (bitsandbytes quantizes while loading)."""
+        s = self.speed
+        if s is None:
+            return None
+        return "fp8" if s.fp8 else f"int{s.quant_bits}" if s.quant_bits else None
+
+    def _fp8_options(self) -> dict:
+        s = self.speed
+        return {"target_keys": s.fp8_target_keys, "exclude_keys": s.fp8_exclude_keys,
+                "use_scaled_mm": s.fp8_use_scaled_mm}
+
     def _opt_key(self, spec) -> str:
         from .opt_cache import cache_key
 
-        s = self.speed
-        return cache_key(spec.transformer.repo, spec.transformer.dtype, s.fp8_target_keys, s.fp8_exclude_keys,
-                         s.fp8_use_scaled_mm)
+        fmt = self._opt_format()
+        return cache_key(spec.transformer.repo, spec.transformer.dtype, fmt,
+                         self._fp8_options() if fmt == "fp8" else {})
 
     def _opt_cache_path(self, spec):
-        if not self.opt_cache or self.speed is None or not self.speed.fp8:
+        if not self.opt_cache or self._opt_format() is None:
             return None
         from .opt_cache import cache_path
 
-        return cache_path(self.opt_cache, spec.name, self._opt_key(spec))
+        return cache_path(self.opt_cache, spec.name, self._opt_format(), self._opt_key(spec))
 
     def _load_cached(self, path, spec):
         from diffusers import HunyuanVideoFramepackTransformer3DModel
 
         from .opt_cache import load_optimized
 
-        s = self.speed
-        return load_optimized(HunyuanVideoFramepackTransformer3DModel, path, self._opt_key(spec), s.fp8_target_keys,
-                              s.fp8_exclude_keys, s.fp8_use_scaled_mm, spec.transformer.dtype)
+        return load_optimized(HunyuanVideoFramepackTransformer3DModel, path, self._opt_key(spec),
+                              spec.transformer.dtype, self._opt_format(), self._fp8_options())

@@ -200,7 +200,7 @@ class Settings:
     bnb_double_quant: bool = _s(False, "FRAMEPACK_BNB_DOUBLE_QUANT", ["--bnb-double-quant"],
                                 "bitsandbytes nested quantization", group="quant")
     enable_opt_cache: bool = _s(False, "FRAMEPACK_ENABLE_OPT_CACHE", ["--enable-opt-cache"],
-                                "save the FP8 transformer once and load it directly next time", group="quant")
+                                "save the FP8 or torchao-quantized transformer once and load it directly next time", group="quant")
     optimized_transformer: str = _s("optimized_models", "FRAMEPACK_OPTIMIZED_TRANSFORMER",
                                     ["--optimized-transformer"],
                                     "folder (one file per model and options) or file for the optimized transformer",

@@ -99,7 +99,8 @@ def _provider(out, cache, **speed):
     from diffusers_helper.service import EngineProvider
     from diffusers_helper.speed import SpeedOptions
 
-    return EngineProvider(outputs_dir=out, speed=SpeedOptions(fp8=True, **speed), opt_cache=str(cache))
+    speed.setdefault("fp8", not speed.get("quant_bits"))
+    return EngineProvider(outputs_dir=out, speed=SpeedOptions(**speed), opt_cache=str(cache))
 
 
 def test_optimized_transformer_cache_saves_then_loads(tiny_root, tmp_path, test_image, caplog, monkeypatch,
@@ -131,3 +132,31 @@ def test_optimized_transformer_cache_saves_then_loads(tiny_root, tmp_path, test_
     with caplog.at_level("WARNING"):
         _provider(tmp_path / "d", cache).get("tiny")
     assert "unreadable" in caplog.text and files[0].stat().st_size > 100
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_optimized_cache_keeps_torchao_weights(bits, tiny_root, tmp_path, test_image, caplog, monkeypatch,
+                                               encoded_frames):
+    """torchao's tensor subclasses go through torch.save and come back with weights_only=True."""
+    import numpy as np
+
+    from diffusers_helper.request import GenerationRequest
+
+    monkeypatch.setenv("FRAMEPACK_CACHE_DIR", str(tiny_root.parent))
+    cache = tmp_path / "optimized_models"
+    first = _provider(tmp_path / "a", cache, quant_bits=bits).get("tiny")
+    files = list(cache.glob(f"tiny-int{bits}-*.pt"))
+    assert len(files) == 1
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        second = _provider(tmp_path / "b", cache, quant_bits=bits).get("tiny")
+    assert "Loaded optimized transformer weights from" in caplog.text
+    weight = second.bundle.transformer.transformer_blocks[0].ff.net[2].weight
+    assert type(weight).__module__.startswith("torchao") and second.speed["int_linears"] == 0  # not quantized again
+    req = dict(prompt="x", seconds=1, steps=2, use_teacache=False)
+    a = first.generate(GenerationRequest(image=test_image, **req), lambda e: None)
+    b = second.generate(GenerationRequest(image=test_image, **req), lambda e: None)
+    assert np.array_equal(encoded_frames(a), encoded_frames(b))
+    other = 4 if bits == 8 else 8  # the other width is another file, never this one
+    _provider(tmp_path / "c", cache, quant_bits=other).get("tiny")
+    assert len(list(cache.glob(f"tiny-int{other}-*.pt"))) == 1
