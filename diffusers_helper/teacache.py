@@ -40,14 +40,22 @@ class _State(BaseState):
         self.compute = True
 
 
-class _HeadHook(ModelHook):
-    """First dual block: decides whether this step runs the blocks."""
+class _StepHook(ModelHook):
+    """The three TeaCache hooks share one per-step state and the config."""
 
     _is_stateful = True
 
-    def __init__(self, states: StateManager, config: TeaCacheConfig, stats: dict):
+    def __init__(self, states: StateManager, config: TeaCacheConfig):
         super().__init__()
-        self.states, self.config, self.stats = states, config, stats
+        self.states, self.config = states, config
+
+
+class _HeadHook(_StepHook):
+    """First dual block: decides whether this step runs the blocks."""
+
+    def __init__(self, states: StateManager, config: TeaCacheConfig, stats: dict):
+        super().__init__(states, config)
+        self.stats = stats
 
     def new_forward(self, module, hidden_states, encoder_hidden_states, temb, *args, **kwargs):
         if not self.config.enabled:  # off: no state, so callers need no cache context
@@ -74,14 +82,8 @@ class _HeadHook(ModelHook):
         return self.fn_ref.original_forward(hidden_states, encoder_hidden_states, temb, *args, **kwargs)
 
 
-class _SkipHook(ModelHook):
+class _SkipHook(_StepHook):
     """Middle blocks: pass through when the step is skipped."""
-
-    _is_stateful = True
-
-    def __init__(self, states: StateManager, config: TeaCacheConfig):
-        super().__init__()
-        self.states, self.config = states, config
 
     def new_forward(self, module, hidden_states, encoder_hidden_states, *args, **kwargs):
         if self.config.enabled and not self.states.get_state().compute:
@@ -89,14 +91,8 @@ class _SkipHook(ModelHook):
         return self.fn_ref.original_forward(hidden_states, encoder_hidden_states, *args, **kwargs)
 
 
-class _TailHook(ModelHook):
+class _TailHook(_StepHook):
     """Last single block: records the blocks' residual, or applies the cached one."""
-
-    _is_stateful = True
-
-    def __init__(self, states: StateManager, config: TeaCacheConfig):
-        super().__init__()
-        self.states, self.config = states, config
 
     def new_forward(self, module, hidden_states, encoder_hidden_states, *args, **kwargs):
         if not self.config.enabled:
