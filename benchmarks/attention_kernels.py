@@ -175,7 +175,8 @@ def main() -> int:
     g = torch.Generator("cuda").manual_seed(0)
     shape = (1, args.heads, args.tokens, 128)
     q, k, v = (torch.randn(shape, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(3))
-    k = k + 0.5 * torch.randn(1, args.heads, 1, 128, device="cuda", generator=g, dtype=torch.bfloat16)  # a mean, as RoPE'd keys have
+    # keys share a mean direction, as RoPE'd keys do
+    k = k + 0.5 * torch.randn(1, args.heads, 1, 128, device="cuda", generator=g, dtype=torch.bfloat16)
     ref = reference(q, k, v)
     flops = 4 * args.heads * args.tokens ** 2 * 128
     rows = {}

@@ -97,7 +97,7 @@ def bench_config(name, transformer, cond, noise, dtype, device, repeats, flops, 
     run = _forward_fn(transformer, cond, noise, dtype, device)
     _sync(device)
     t0 = time.perf_counter()
-    out = run()
+    run()
     _sync(device)
     first = time.perf_counter() - t0
     out = run().float().cpu()
@@ -129,9 +129,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m diffusers_helper.bench", description=__doc__.splitlines()[0])
     ap.add_argument("--configs", default="eager,cudnn,compile,compile+cudnn",
                     help="comma-separated; each joins with '+' a weight format (bf16 by default, fp32 with TF32 "
-                         "off, fp8, int8, int4, or bitsandbytes bnb8 / nf4 on CUDA), a compile (compile, or compile-max for max-autotune without CUDA graphs) and an "
-                         "attention backend (cudnn, flash, efficient, sage, ...). The first is the fidelity "
-                         "reference.")
+                         "off, fp8, int8, int4, or bitsandbytes bnb8 / nf4 on CUDA), a compile (compile, or "
+                         "compile-max for max-autotune without CUDA graphs) and an attention backend (cudnn, flash, "
+                         "efficient, sage, ...). The first is the fidelity reference.")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--fidelity-steps", type=int, default=8)
     ap.add_argument("--out", default=None, help="write the results as JSON")
@@ -154,19 +154,16 @@ def main(argv=None) -> int:
         parts = name.split("+")
         weights = next((p for p in parts if p in WEIGHTS), "bf16")
         mode = "max-autotune-no-cudagraphs" if "compile-max" in parts else "default" if "compile" in parts else None
-        if state is not None and state != (weights, None) and state != (weights, mode):
-            del transformer  # converted or compiled: start again from the same bf16 weights
+        # state None: fresh bf16 weights, which convert to any format but bitsandbytes (quantized at loading);
+        # a converted or compiled transformer serves only its own format and compile mode
+        reusable = state in ((weights, None), (weights, mode)) or (state is None and weights not in BNB_BITS)
+        if not reusable:
+            del transformer  # start again from the same weights
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             transformer, dtype, size = _transformer(device, weights)
             state = None
-        if state is None and weights in BNB_BITS and not any(type(m).__module__.startswith("bitsandbytes")
-                                                              for m in transformer.modules()):
-            del transformer
-            gc.collect()
-            torch.cuda.empty_cache()
-            transformer, dtype, size = _transformer(device, weights)
         if (state is None or state[0] != weights) and weights not in BNB_BITS:
             convert_weights(transformer, SpeedOptions(fp8=weights == "fp8", quant_bits=WEIGHTS[weights]))
         # "fp32": the exact computation (no TF32), to see how far bf16 itself is from it

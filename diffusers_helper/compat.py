@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .memory import EVERYTHING_GB as FULL_PLACEMENT_GB
-from .settings import WEIGHT_FORMAT_NAMES, Settings, weight_formats
+from .settings import TORCHAO_BITS, WEIGHT_FORMAT_NAMES, Settings, weight_format, weight_formats
 
 log = logging.getLogger("framepack.compat")
 
@@ -129,15 +129,15 @@ def _several_quantizers(s, info):
 @rule("slower-than-bf16")
 def _slower_than_bf16(s, info):
     """Measured on an H200 at the 640 bucket (docs/performance.md): these trade speed for memory."""
-    fmt = weight_formats(s)[0]
     if not info.cuda:
         return None
+    fmt = weight_format(s)
     if fmt == "bnb8":
         return Finding(WARNING, "slower-than-bf16", "bitsandbytes 8-bit runs a transformer forward about 1.5x slower "
                        "than bf16 (1.77 s against 1.17 s on an H200), for 9 GB less memory.",
                        "FRAMEPACK_BNB_LOAD_IN_4BIT=1 (NF4: as fast as bf16, 15 GB less), or FRAMEPACK_ENABLE_FP8=1 "
                        "with FRAMEPACK_ENABLE_COMPILE=1 (faster than bf16, 9 GB less)")
-    if fmt in ("fp8", "int8", "int4") and not s.enable_compile:
+    if (fmt == "fp8" or fmt in TORCHAO_BITS) and not s.enable_compile:
         return Finding(WARNING, "slower-than-bf16", f"{WEIGHT_FORMAT_NAMES[fmt]} without torch.compile quantizes "
                        "activations in separate kernels and runs slower than bf16 (FP8 1.32 s, INT4 1.22 s against "
                        "1.17 s a forward on an H200); it still saves memory.",

@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .fp8 import convert_to_fp8
+from .settings import TORCHAO_BITS
 
 log = logging.getLogger("framepack.opt_cache")
 FORMAT = 1
@@ -59,20 +60,18 @@ def save_optimized(transformer, path: str | Path, key: str, fmt: str = "fp8") ->
     return path
 
 
-def _read(path: Path, key: str, fmt: str, fp8_options: dict):
-    """(config, state, how to prepare the empty model), or None when the file was made with other options."""
+def _read(path: Path, key: str, fmt: str):
+    """(model config, state dict), or None when the file was made with other options."""
     if fmt != "fp8":
         blob = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         if blob.get("framepack_key") != key:
             return None
-        return json.loads(blob["config"]), blob["state"], lambda model: None
+        return json.loads(blob["config"]), blob["state"]
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
         if meta.get("framepack_key") != key:
             return None
-        state = {k: f.get_tensor(k) for k in f.keys()}
-    # the FP8 file holds plain tensors, so the empty model needs its FP8 modules before they are assigned
-    return json.loads(meta["config"]), state, lambda model: convert_to_fp8(model, **fp8_options)
+        return json.loads(meta["config"]), {k: f.get_tensor(k) for k in f.keys()}
 
 
 def load_optimized(cls, path: str | Path, key: str, dtype: torch.dtype, fmt: str = "fp8", fp8_options=None):
@@ -81,15 +80,16 @@ def load_optimized(cls, path: str | Path, key: str, dtype: torch.dtype, fmt: str
     if not path.is_file():
         return None
     try:
-        read = _read(path, key, fmt, fp8_options or {})
+        read = _read(path, key, fmt)
         if read is None:
             log.info("Optimized transformer cache %s was made with other options; rebuilding it", path)
             return None
-        config, state, prepare = read
+        config, state = read
         with torch.device("meta"):
             model = cls.from_config(config)
         model.to(dtype)
-        prepare(model)
+        if fmt == "fp8":  # the FP8 file holds plain tensors: the empty model needs its FP8 modules to assign them to
+            convert_to_fp8(model, **(fp8_options or {}))
         missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
         if missing or unexpected:
             log.warning("Optimized transformer cache %s does not match the model (%d missing, %d unexpected); "
@@ -102,6 +102,6 @@ def load_optimized(cls, path: str | Path, key: str, dtype: torch.dtype, fmt: str
     if fmt == "fp8":
         model._framepack_fp8 = True
     else:
-        model._framepack_quant = int(fmt[3:])
+        model._framepack_quant = TORCHAO_BITS[fmt]
     log.info("Loaded optimized transformer weights from %s", path)
     return model

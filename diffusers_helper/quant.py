@@ -23,7 +23,7 @@ EXCLUDE = ("norm",)  # modulation linears: small, and every token's scale and sh
 
 @dataclass(frozen=True)
 class QuantOptions:
-    """bitsandbytes at load time; torchao and FP8 are SpeedOptions, and startup.weight_format picks one."""
+    """bitsandbytes at load time; torchao and FP8 are SpeedOptions, and settings.weight_format picks one."""
     bnb_bits: int = 8  # 8 or 4: FRAMEPACK_USE_BNB with FRAMEPACK_BNB_LOAD_IN_4BIT
     bnb_double_quant: bool = False
 

@@ -200,7 +200,8 @@ class Settings:
     bnb_double_quant: bool = _s(False, "FRAMEPACK_BNB_DOUBLE_QUANT", ["--bnb-double-quant"],
                                 "bitsandbytes nested quantization", group="quant")
     enable_opt_cache: bool = _s(False, "FRAMEPACK_ENABLE_OPT_CACHE", ["--enable-opt-cache"],
-                                "save the FP8 or torchao-quantized transformer once and load it directly next time", group="quant")
+                                "save the FP8 or torchao-quantized transformer once and load it directly next time",
+                                group="quant")
     optimized_transformer: str = _s("optimized_models", "FRAMEPACK_OPTIMIZED_TRANSFORMER",
                                     ["--optimized-transformer"],
                                     "folder (one file per model and options) or file for the optimized transformer",
@@ -322,9 +323,15 @@ def weight_formats(s: "Settings") -> list[str]:
     return chosen or ["bf16"]
 
 
-WEIGHT_FORMAT_NAMES = {"bf16": "bf16", "fp8": "FP8 (FRAMEPACK_ENABLE_FP8)", "int8": "torchao INT8 (FRAMEPACK_ENABLE_QUANT)",
-                       "int4": "torchao INT4 (FRAMEPACK_ENABLE_QUANT)", "bnb8": "bitsandbytes 8-bit (FRAMEPACK_USE_BNB)",
-                       "nf4": "bitsandbytes NF4 (FRAMEPACK_USE_BNB)"}
+def weight_format(s: "Settings") -> str:
+    """The one format the transformer's weights run in ("bf16", "fp8", "int8", "int4", "bnb8", "nf4")."""
+    return weight_formats(s)[0]
+
+
+TORCHAO_BITS = {"int8": 8, "int4": 4}  # the torchao formats and their widths
+WEIGHT_FORMAT_NAMES = {"bf16": "bf16", "fp8": "FP8 (FRAMEPACK_ENABLE_FP8)",
+                       "int8": "torchao INT8 (FRAMEPACK_ENABLE_QUANT)", "int4": "torchao INT4 (FRAMEPACK_ENABLE_QUANT)",
+                       "bnb8": "bitsandbytes 8-bit (FRAMEPACK_USE_BNB)", "nf4": "bitsandbytes NF4 (FRAMEPACK_USE_BNB)"}
 
 
 def job_defaults(s: "Settings") -> dict:

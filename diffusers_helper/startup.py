@@ -11,7 +11,8 @@ import sys
 from typing import Mapping
 
 from .compat import SystemInfo, check, report
-from .settings import LoadedSettings, Settings, SettingsError, load_settings, torch_sdp_flag
+from .settings import (TORCHAO_BITS, LoadedSettings, Settings, SettingsError, load_settings, torch_sdp_flag,
+                       weight_format)
 
 log = logging.getLogger("framepack.startup")
 
@@ -65,13 +66,6 @@ def decode_options(settings: Settings):
                          trt_max_cached_shapes=settings.trt_max_cached_shapes)
 
 
-def weight_format(settings: Settings) -> str:
-    """The one format the transformer's weights run in ("bf16", "fp8", "int8", "int4", "bnb8", "nf4")."""
-    from .settings import weight_formats
-
-    return weight_formats(settings)[0]
-
-
 def speed_options(settings: Settings):
     from .speed import SpeedOptions
 
@@ -83,7 +77,7 @@ def speed_options(settings: Settings):
                         fp8_target_keys=tuple(settings.fp8_target_keys),
                         fp8_exclude_keys=tuple(settings.fp8_exclude_keys),
                         fp8_use_scaled_mm=settings.fp8_use_scaled_mm,
-                        quant_bits={"int8": 8, "int4": 4}.get(fmt))
+                        quant_bits=TORCHAO_BITS.get(fmt))
 
 
 def quant_options(settings: Settings):

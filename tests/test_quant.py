@@ -10,9 +10,9 @@ from diffusers_helper.events import Finished
 from diffusers_helper.placement import Placement
 from diffusers_helper.quant import QuantOptions, bnb_config, check_bnb_usable, has_quantized_weights
 from diffusers_helper.request import GenerationRequest
-from diffusers_helper.settings import Settings
+from diffusers_helper.settings import Settings, weight_format
 from diffusers_helper.speed import SpeedOptions, convert_weights
-from diffusers_helper.startup import quant_options, speed_options, weight_format
+from diffusers_helper.startup import quant_options, speed_options
 from diffusers_helper.tiny import build_tiny_transformer
 from diffusers_helper.warmup import forward_fn, section_inputs
 
