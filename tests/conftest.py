@@ -51,3 +51,61 @@ def encoded_frames(monkeypatch):
 
     monkeypatch.setattr(engine_module, "write_mp4", spy)
     return lambda final: captured[final.video_path.name]
+
+
+@pytest.fixture
+def sampled_latents(monkeypatch):
+    """Capture every section's sampled latents (float32), for comparisons with a tolerance.
+
+    Frames and latents are bit-equal only where the same kernels run on the same memory layout: on some
+    CPUs (AMD EPYC, for one) BLAS takes another path for weights that are not 64-byte aligned, as the
+    memory-mapped safetensors are, so a reloaded model can differ in the last bits."""
+    import torch
+
+    import diffusers_helper.engine as engine_module
+
+    captured = []
+    real = engine_module.sample_section
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        captured.append(out.detach().float().cpu().clone())
+        return out
+
+    monkeypatch.setattr(engine_module, "sample_section", spy)
+
+    def take():
+        latents = torch.cat(captured)
+        captured.clear()
+        return latents
+
+    return take
+
+
+@pytest.fixture
+def same_weights():
+    return _same_weights
+
+
+def _same_weights(a, b) -> bool:
+    """Bit-equal state dicts; quantized tensor subclasses are compared through their inner tensors. Data,
+    not arithmetic: this holds on every machine."""
+    import torch
+
+    sa, sb = a.state_dict(), b.state_dict()
+    if sa.keys() != sb.keys():
+        return False
+    for key, x in sa.items():
+        y = sb[key]
+        if type(x) is not type(y) or x.shape != y.shape or x.dtype != y.dtype:
+            return False
+        if type(x) is torch.Tensor or not hasattr(x, "__tensor_flatten__"):
+            if not torch.equal(x, y):
+                return False
+            continue
+        names, _ = x.__tensor_flatten__()
+        if names != y.__tensor_flatten__()[0]:
+            return False
+        if not all(torch.equal(getattr(x, n), getattr(y, n)) for n in names):
+            return False
+    return True

@@ -103,14 +103,30 @@ def _provider(out, cache, **speed):
     return EngineProvider(outputs_dir=out, speed=SpeedOptions(**speed), opt_cache=str(cache))
 
 
-def test_optimized_transformer_cache_saves_then_loads(tiny_root, tmp_path, test_image, caplog, monkeypatch,
-                                                      encoded_frames):
-    from diffusers_helper.fp8 import FP8Linear
+def _assert_reload_close(first, second, unconverted_provider, image, sampled_latents) -> None:
+    """The reloaded transformer samples what the first one did, within a tolerance scaled to what a wrong reload
+    would change: the conversion's own effect (the first run against the unconverted model). Exact equality is not
+    asked for, since the reloaded weights sit at other addresses and some CPUs' BLAS rounds differently there;
+    torchao INT8 then flips a few activation roundings (measured on an AMD EPYC: 0.33 of the conversion's effect)."""
+    from diffusers_helper.parity import relative_l2
     from diffusers_helper.request import GenerationRequest
+
+    req = dict(prompt="x", seconds=1, steps=2, use_teacache=False)
+    runs = {}
+    for name, engine in (("first", first), ("second", second), ("plain", unconverted_provider.get("tiny"))):
+        engine.generate(GenerationRequest(image=image, **req), lambda e: None)
+        runs[name] = sampled_latents()
+    effect = relative_l2(runs["first"], runs["plain"])
+    assert effect > 1e-6  # the conversion did change the model
+    assert relative_l2(runs["second"], runs["first"]) < 0.5 * effect
+
+
+def test_optimized_transformer_cache_saves_then_loads(tiny_root, tmp_path, test_image, caplog, monkeypatch,
+                                                      same_weights, sampled_latents):
+    from diffusers_helper.fp8 import FP8Linear
 
     monkeypatch.setenv("FRAMEPACK_CACHE_DIR", str(tiny_root.parent))
     cache = tmp_path / "optimized_models"
-    req = dict(prompt="x", seconds=1, steps=2, use_teacache=False)
     with caplog.at_level("INFO"):
         first = _provider(tmp_path / "a", cache).get("tiny")
     files = list(cache.glob("tiny-fp8-*.safetensors"))
@@ -120,11 +136,8 @@ def test_optimized_transformer_cache_saves_then_loads(tiny_root, tmp_path, test_
         second = _provider(tmp_path / "b", cache).get("tiny")
     assert "Loaded optimized transformer weights from" in caplog.text
     assert any(isinstance(m, FP8Linear) for m in second.bundle.transformer.modules())
-    a = first.generate(GenerationRequest(image=test_image, **req), lambda e: None)
-    b = second.generate(GenerationRequest(image=test_image, **req), lambda e: None)
-    import numpy as np
-
-    assert np.array_equal(encoded_frames(a), encoded_frames(b))  # the cached FP8 weights are the same weights
+    assert same_weights(first.bundle.transformer, second.bundle.transformer)  # the cached FP8 weights, bit for bit
+    _assert_reload_close(first, second, _provider(tmp_path / "r", cache, fp8=False), test_image, sampled_latents)
     # other options: another file; a broken file: rebuilt, not fatal
     _provider(tmp_path / "c", cache, fp8_exclude_keys=("norm", "ff")).get("tiny")
     assert len(list(cache.glob("tiny-fp8-*.safetensors"))) == 2
@@ -136,12 +149,8 @@ def test_optimized_transformer_cache_saves_then_loads(tiny_root, tmp_path, test_
 
 @pytest.mark.parametrize("bits", [8, 4])
 def test_optimized_cache_keeps_torchao_weights(bits, tiny_root, tmp_path, test_image, caplog, monkeypatch,
-                                               encoded_frames):
+                                               same_weights, sampled_latents):
     """torchao's tensor subclasses go through torch.save and come back with weights_only=True."""
-    import numpy as np
-
-    from diffusers_helper.request import GenerationRequest
-
     monkeypatch.setenv("FRAMEPACK_CACHE_DIR", str(tiny_root.parent))
     cache = tmp_path / "optimized_models"
     first = _provider(tmp_path / "a", cache, quant_bits=bits).get("tiny")
@@ -153,10 +162,8 @@ def test_optimized_cache_keeps_torchao_weights(bits, tiny_root, tmp_path, test_i
     assert "Loaded optimized transformer weights from" in caplog.text
     weight = second.bundle.transformer.transformer_blocks[0].ff.net[2].weight
     assert type(weight).__module__.startswith("torchao") and second.speed["int_linears"] == 0  # not quantized again
-    req = dict(prompt="x", seconds=1, steps=2, use_teacache=False)
-    a = first.generate(GenerationRequest(image=test_image, **req), lambda e: None)
-    b = second.generate(GenerationRequest(image=test_image, **req), lambda e: None)
-    assert np.array_equal(encoded_frames(a), encoded_frames(b))
+    assert same_weights(first.bundle.transformer, second.bundle.transformer)  # the cached INT weights, bit for bit
+    _assert_reload_close(first, second, _provider(tmp_path / "r", cache, fp8=False), test_image, sampled_latents)
     other = 4 if bits == 8 else 8  # the other width is another file, never this one
     _provider(tmp_path / "c", cache, quant_bits=other).get("tiny")
     assert len(list(cache.glob(f"tiny-int{other}-*.pt"))) == 1
