@@ -19,12 +19,12 @@ from pathlib import Path
 import gradio as gr
 from gradio.data_classes import FileData
 
-from diffusers_helper.gpu_stats import gpu_status
-from diffusers_helper.jobs import ENDED, QUEUED, RUNNING, JobQueue, JobSnapshot, past_jobs
-from diffusers_helper.loading import WeightsMissingError
-from diffusers_helper.request import GenerationRequest, InputError
-from diffusers_helper.settings import Settings, job_defaults
-from diffusers_helper.startup import engine_provider, model_name, start
+from diffusers_helper.app.gpu_stats import gpu_status
+from diffusers_helper.app.jobs import ENDED, QUEUED, RUNNING, JobQueue, JobSnapshot, past_jobs
+from diffusers_helper.models.loading import WeightsMissingError
+from diffusers_helper.pipeline.request import GenerationRequest, InputError
+from diffusers_helper.config import Settings, job_defaults
+from diffusers_helper.app.startup import engine_provider, model_name, start
 
 log = logging.getLogger("framepack.app")
 

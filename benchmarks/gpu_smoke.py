@@ -23,12 +23,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from diffusers_helper.engine import Engine  # noqa: E402
-from diffusers_helper.events import Failed, Finished, SectionFinished, Stage, StepProgress  # noqa: E402
-from diffusers_helper.loading import load_models  # noqa: E402
-from diffusers_helper.placement import Placement  # noqa: E402
-from diffusers_helper.request import GenerationRequest  # noqa: E402
-from diffusers_helper.tiny import ensure_tiny_models, tiny_spec  # noqa: E402
+from diffusers_helper.pipeline.engine import Engine  # noqa: E402
+from diffusers_helper.pipeline.events import Failed, Finished, SectionFinished, Stage, StepProgress  # noqa: E402
+from diffusers_helper.models.loading import load_models  # noqa: E402
+from diffusers_helper.memory.placement import Placement  # noqa: E402
+from diffusers_helper.pipeline.request import GenerationRequest  # noqa: E402
+from diffusers_helper.models.tiny import ensure_tiny_models, tiny_spec  # noqa: E402
 
 
 def image(h, w):
@@ -89,7 +89,7 @@ def main():
     dev = torch.device("cuda")
 
     if args.overlap_only:
-        from diffusers_helper.fullsize import build_bundle
+        from diffusers_helper.models.fullsize import build_bundle
 
         bundle = build_bundle("framepack", "cuda")
         req = dict(prompt="a woman dances", image=image(640, 640), seconds=3.6, latent_window_size=9,
@@ -113,7 +113,7 @@ def main():
             print(key, results[key], flush=True)
     del tiny, engine
 
-    from diffusers_helper.fullsize import build_bundle
+    from diffusers_helper.models.fullsize import build_bundle
 
     t = time.perf_counter()
     bundle = build_bundle("framepack", "cuda")

@@ -28,11 +28,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from diffusers_helper.warmup import forward_fn as _forward_fn  # noqa: E402
-from diffusers_helper.warmup import section_inputs as _inputs  # noqa: E402
-from diffusers_helper.decode import SectionDecoder  # noqa: E402
-from diffusers_helper.fullsize import build_transformer, build_vae  # noqa: E402
-from diffusers_helper.placement import MemoryPolicy, Placement, streamer_of  # noqa: E402
+from diffusers_helper.pipeline.warmup import forward_fn as _forward_fn  # noqa: E402
+from diffusers_helper.pipeline.warmup import section_inputs as _inputs  # noqa: E402
+from diffusers_helper.vae.decode import SectionDecoder  # noqa: E402
+from diffusers_helper.models.fullsize import build_transformer, build_vae  # noqa: E402
+from diffusers_helper.memory.placement import MemoryPolicy, Placement, streamer_of  # noqa: E402
 
 GB = 1024**3
 log = logging.getLogger("framepack.memory_caps")

@@ -21,9 +21,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from diffusers_helper.fullsize import build_transformer  # noqa: E402
-from diffusers_helper.speed import SpeedOptions, compile_blocks, convert_weights, use_compile_cache  # noqa: E402
-from diffusers_helper.warmup import forward_fn, section_inputs  # noqa: E402
+from diffusers_helper.models.fullsize import build_transformer  # noqa: E402
+from diffusers_helper.accel.speed import SpeedOptions, compile_blocks, convert_weights, use_compile_cache  # noqa: E402
+from diffusers_helper.pipeline.warmup import forward_fn, section_inputs  # noqa: E402
 
 CATEGORIES = [("attention", ("fmha", "flash", "attention", "sdpa", "cudnn_generated")),
               ("matmul", ("gemm", "xmma", "cutlass", "nvjet", "scaled_mm", "matmul", "sm90_")),

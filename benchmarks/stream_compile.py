@@ -19,10 +19,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from diffusers_helper.block_stream import BlockStreamer  # noqa: E402
-from diffusers_helper.speed import compile_blocks  # noqa: E402
-from diffusers_helper.tiny import build_tiny_transformer  # noqa: E402
-from diffusers_helper.warmup import forward_fn, section_inputs  # noqa: E402
+from diffusers_helper.memory.block_stream import BlockStreamer  # noqa: E402
+from diffusers_helper.accel.speed import compile_blocks  # noqa: E402
+from diffusers_helper.models.tiny import build_tiny_transformer  # noqa: E402
+from diffusers_helper.pipeline.warmup import forward_fn, section_inputs  # noqa: E402
 
 
 def main() -> int:

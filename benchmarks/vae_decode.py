@@ -23,9 +23,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from diffusers_helper.fullsize import build_vae  # noqa: E402
-from diffusers_helper.vae_chunked import decode_exact  # noqa: E402
-from diffusers_helper.vae_plan import DecodeOptions, plan_decode  # noqa: E402
+from diffusers_helper.models.fullsize import build_vae  # noqa: E402
+from diffusers_helper.vae.chunked import decode_exact  # noqa: E402
+from diffusers_helper.vae.plan import DecodeOptions, plan_decode  # noqa: E402
 
 
 def psnr(a: torch.Tensor, ref: torch.Tensor) -> float:

@@ -26,10 +26,10 @@ from pathlib import Path
 
 import torch
 
-from .sampling import Guidance, sample_section
-from .speed import SpeedOptions, compile_blocks, convert_weights, set_attention_backend, use_compile_cache
-from .warmup import forward_fn as _forward_fn
-from .warmup import section_inputs as _inputs
+from .pipeline.sampling import Guidance, sample_section
+from .accel.speed import SpeedOptions, compile_blocks, convert_weights, set_attention_backend, use_compile_cache
+from .pipeline.warmup import forward_fn as _forward_fn
+from .pipeline.warmup import section_inputs as _inputs
 
 log = logging.getLogger("framepack.bench")
 
@@ -46,11 +46,11 @@ def _transformer(device: torch.device, weights: str = "bf16"):
         return _bnb_transformer(device, BNB_BITS[weights])
     torch.manual_seed(0)
     if device.type == "cuda":
-        from .fullsize import build_transformer
+        from .models.fullsize import build_transformer
 
         return build_transformer(device), torch.bfloat16, 640
-    from .loading import load_models
-    from .tiny import ensure_tiny_models, tiny_spec
+    from .models.loading import load_models
+    from .models.tiny import ensure_tiny_models, tiny_spec
 
     bundle = load_models(tiny_spec("tiny", ensure_tiny_models()), parts=["transformer"])
     return bundle.transformer.to(device), torch.float32, 64
@@ -59,7 +59,7 @@ def _transformer(device: torch.device, weights: str = "bf16"):
 def _bnb_transformer(device: torch.device, bits: int):
     from diffusers import HunyuanVideoFramepackTransformer3DModel
 
-    from .quant import bnb_config, check_bnb_usable
+    from .accel.quant import bnb_config, check_bnb_usable
 
     check_bnb_usable()
     path = Path(tempfile.gettempdir()) / "framepack-bench-transformer"

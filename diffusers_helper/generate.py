@@ -12,8 +12,8 @@ import logging
 import signal
 import sys
 
-from .model_specs import MODEL_NAMES
-from .request import GenerationRequest, InputError, load_image
+from .models.specs import MODEL_NAMES
+from .pipeline.request import GenerationRequest, InputError, load_image
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
@@ -28,7 +28,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser(defaults=None) -> argparse.ArgumentParser:
     """Flags default to the FRAMEPACK_* settings (config file and environment), then the original's values."""
-    from .settings import Settings, job_defaults
+    from .config import Settings, job_defaults
 
     s = defaults or Settings()
     d = GenerationRequest(prompt="", **job_defaults(s))
@@ -74,7 +74,7 @@ def request_from_args(args, settings=None) -> GenerationRequest:
 
 def performance_fields(settings) -> dict:
     """The controls the CLI has no flag for, from the settings (the UI lets users change them)."""
-    from .settings import Settings, job_defaults
+    from .config import Settings, job_defaults
 
     defaults = job_defaults(settings or Settings())
     return {k: defaults[k] for k in ("aggressive_gpu", "keep_models_in_gpu", "chunk_size_multiplier",
@@ -83,7 +83,7 @@ def performance_fields(settings) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .settings import SettingsError, load_settings
+    from .config import SettingsError, load_settings
 
     try:
         loaded = load_settings([])  # config file + FRAMEPACK_* environment
@@ -104,11 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     # Heavy imports only after the input is known to be good.
     from tqdm import tqdm
 
-    from .engine import iter_events
-    from .events import Cancelled, Failed, Finished, SectionFinished, Stage, StepProgress
-    from .loading import WeightsMissingError
-    from .sampling import CancelToken
-    from .startup import apply_runtime_flags, engine_provider
+    from .pipeline.engine import iter_events
+    from .pipeline.events import Cancelled, Failed, Finished, SectionFinished, Stage, StepProgress
+    from .models.loading import WeightsMissingError
+    from .pipeline.sampling import CancelToken
+    from .app.startup import apply_runtime_flags, engine_provider
 
     for line in apply_runtime_flags(loaded.settings):
         logging.getLogger("framepack.startup").info(line)

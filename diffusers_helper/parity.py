@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .sampling import Guidance, draw_noise, sample_section
-from .sections import SectionSchedule
+from .pipeline.sampling import Guidance, draw_noise, sample_section
+from .pipeline.sections import SectionSchedule
 
 TOLERANCE = 1e-4
 

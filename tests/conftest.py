@@ -14,7 +14,7 @@ FIXTURE_DIR = REPO.parent / "shared" / "fixtures" / "framepack-parity"
 
 @pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory) -> Path:
-    from diffusers_helper.tiny import ensure_tiny_models
+    from diffusers_helper.models.tiny import ensure_tiny_models
 
     root = os.environ.get("FRAMEPACK_TEST_TINY_ROOT")  # reuse between local runs if set
     return ensure_tiny_models(Path(root) if root else tmp_path_factory.mktemp("cache") / "tiny-models")
@@ -22,8 +22,8 @@ def tiny_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_bundles(tiny_root):
-    from diffusers_helper.loading import load_models
-    from diffusers_helper.tiny import tiny_spec
+    from diffusers_helper.models.loading import load_models
+    from diffusers_helper.models.tiny import tiny_spec
 
     return {name: load_models(tiny_spec(name, tiny_root)) for name in ("tiny", "tiny-f1")}
 
@@ -40,7 +40,7 @@ def test_image() -> np.ndarray:
 @pytest.fixture
 def encoded_frames(monkeypatch):
     """Capture the frames handed to the MP4 encoder (x264's bitstream itself is not bit-reproducible)."""
-    import diffusers_helper.engine as engine_module
+    import diffusers_helper.pipeline.engine as engine_module
 
     captured = {}
     real = engine_module.write_mp4
@@ -62,7 +62,7 @@ def sampled_latents(monkeypatch):
     memory-mapped safetensors are, so a reloaded model can differ in the last bits."""
     import torch
 
-    import diffusers_helper.engine as engine_module
+    import diffusers_helper.pipeline.engine as engine_module
 
     captured = []
     real = engine_module.sample_section

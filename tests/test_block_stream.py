@@ -3,13 +3,13 @@
 import pytest
 import torch
 
-from diffusers_helper.block_stream import BlockStreamer, _layout, choose_resident, plan_resident, spread
-from diffusers_helper.engine import Engine
-from diffusers_helper.events import Finished, Stage
-from diffusers_helper.placement import Placement, streamer_of
-from diffusers_helper.request import GenerationRequest
-from diffusers_helper.loading import load_models
-from diffusers_helper.tiny import build_tiny_transformer, tiny_spec
+from diffusers_helper.memory.block_stream import BlockStreamer, _layout, choose_resident, plan_resident, spread
+from diffusers_helper.pipeline.engine import Engine
+from diffusers_helper.pipeline.events import Finished, Stage
+from diffusers_helper.memory.placement import Placement, streamer_of
+from diffusers_helper.pipeline.request import GenerationRequest
+from diffusers_helper.models.loading import load_models
+from diffusers_helper.models.tiny import build_tiny_transformer, tiny_spec
 
 MB = 1024**2
 
@@ -133,7 +133,7 @@ def test_oom_under_swap_keeps_fewer_blocks_resident(deep_bundle, tmp_path, encod
 
 
 def test_fp8_weight_storage_streams_the_fp8_bytes(tiny_root, tmp_path, encoded_frames, test_image):
-    from diffusers_helper.memory import store_weights_in_fp8
+    from diffusers_helper.memory.policy import store_weights_in_fp8
 
     frames = {}
     for policy in ("full", "swap"):

@@ -4,8 +4,8 @@ import dataclasses
 
 import pytest
 
-from diffusers_helper.compat import CRITICAL, INFO, RULES, WARNING, SystemInfo, check, report
-from diffusers_helper.settings import Settings
+from diffusers_helper.app.compat import CRITICAL, INFO, RULES, WARNING, SystemInfo, check, report
+from diffusers_helper.config import Settings
 
 H100 = SystemInfo(cuda=True, gpu_name="NVIDIA H100", capability=(9, 0), total_vram_gb=79.6, free_vram_gb=78.0)
 RTX3060 = SystemInfo(cuda=True, gpu_name="RTX 3060", capability=(8, 6), total_vram_gb=12.0, free_vram_gb=11.0)

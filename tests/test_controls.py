@@ -6,13 +6,13 @@ import logging
 import pytest
 import torch
 
-from diffusers_helper.engine import Engine
-from diffusers_helper.events import Failed, Finished
-from diffusers_helper.loading import load_models
-from diffusers_helper.placement import MemoryPolicy, Placement
-from diffusers_helper.request import GenerationRequest
-from diffusers_helper.sampling import Guidance, sample_section
-from diffusers_helper.tiny import tiny_spec
+from diffusers_helper.pipeline.engine import Engine
+from diffusers_helper.pipeline.events import Failed, Finished
+from diffusers_helper.models.loading import load_models
+from diffusers_helper.memory.placement import MemoryPolicy, Placement
+from diffusers_helper.pipeline.request import GenerationRequest
+from diffusers_helper.pipeline.sampling import Guidance, sample_section
+from diffusers_helper.models.tiny import tiny_spec
 
 GB = 1024**3
 
@@ -39,7 +39,7 @@ class _Bundle:
 
 @pytest.fixture
 def swap(monkeypatch):
-    import diffusers_helper.placement as placement_module
+    import diffusers_helper.memory.placement as placement_module
 
     monkeypatch.setattr(placement_module, "model_bytes", lambda m: m.size)
     monkeypatch.setattr(placement_module, "_on_device", lambda m, d: m.on != "cpu")
@@ -136,7 +136,7 @@ class _Counting(torch.nn.Module):
 
 
 def test_batch_processing_runs_cfg_branches_together(tiny_bundles, test_image):
-    from diffusers_helper.sections import SectionSchedule
+    from diffusers_helper.pipeline.sections import SectionSchedule
 
     t = _Counting(tiny_bundles["tiny-f1"].transformer)
     g = torch.Generator().manual_seed(0)

@@ -5,13 +5,13 @@ import json
 import numpy as np
 import pytest
 
-from diffusers_helper.engine import Engine, iter_events
-from diffusers_helper.events import Cancelled, Failed, Finished, SectionFinished, Stage, StepProgress
-from diffusers_helper.placement import Placement
-from diffusers_helper.request import GenerationRequest
-from diffusers_helper.sampling import CancelToken
-from diffusers_helper.sections import frame_count, section_count
-from diffusers_helper.video import read_video_info
+from diffusers_helper.pipeline.engine import Engine, iter_events
+from diffusers_helper.pipeline.events import Cancelled, Failed, Finished, SectionFinished, Stage, StepProgress
+from diffusers_helper.memory.placement import Placement
+from diffusers_helper.pipeline.request import GenerationRequest
+from diffusers_helper.pipeline.sampling import CancelToken
+from diffusers_helper.pipeline.sections import frame_count, section_count
+from diffusers_helper.media.video import read_video_info
 
 import torch
 

@@ -2,10 +2,10 @@
 
 import torch
 
-from diffusers_helper.engine import Engine
-from diffusers_helper.jobs import CANCELLED, FAILED, FINISHED, QUEUED, JobQueue, past_jobs
-from diffusers_helper.placement import Placement
-from diffusers_helper.request import GenerationRequest, InputError
+from diffusers_helper.pipeline.engine import Engine
+from diffusers_helper.app.jobs import CANCELLED, FAILED, FINISHED, QUEUED, JobQueue, past_jobs
+from diffusers_helper.memory.placement import Placement
+from diffusers_helper.pipeline.request import GenerationRequest, InputError
 
 import pytest
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from diffusers_helper import model_specs
-from diffusers_helper.loading import PART_NAMES, WeightsMissingError, load_models, resolve_spec
-from diffusers_helper.tiny import MARKER_NAME, TINY_DIMS, build_tiny_models, ensure_tiny_models, tiny_spec
+from diffusers_helper.models import specs as model_specs
+from diffusers_helper.models.loading import PART_NAMES, WeightsMissingError, load_models, resolve_spec
+from diffusers_helper.models.tiny import MARKER_NAME, TINY_DIMS, build_tiny_models, ensure_tiny_models, tiny_spec
 
 from conftest import FIXTURE_DIR
 
@@ -138,7 +138,7 @@ def test_build_is_deterministic(tiny_root, tmp_path):
 
 
 def test_interrupted_build_is_rebuilt(tmp_path, monkeypatch):
-    import diffusers_helper.tiny as tiny
+    import diffusers_helper.models.tiny as tiny
 
     calls = []
     real_build = tiny.build_tiny_models
@@ -165,7 +165,7 @@ def test_interrupted_build_is_rebuilt(tmp_path, monkeypatch):
 
 
 def test_default_root_honours_cache_dir(monkeypatch, tmp_path):
-    from diffusers_helper.tiny import default_root
+    from diffusers_helper.models.tiny import default_root
 
     monkeypatch.setenv("FRAMEPACK_CACHE_DIR", str(tmp_path))
     assert default_root() == tmp_path / "tiny-models"

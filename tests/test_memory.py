@@ -6,15 +6,15 @@ import os
 import pytest
 import torch
 
-from diffusers_helper import memory
-from diffusers_helper.engine import Engine
-from diffusers_helper.events import Failed, Finished, Stage
-from diffusers_helper.loading import load_models
-from diffusers_helper.memory import (ALLOC_CONF_LOW_VRAM, apply_alloc_preset, choose_policy, load_model_chunked,
+from diffusers_helper.memory import policy as memory
+from diffusers_helper.pipeline.engine import Engine
+from diffusers_helper.pipeline.events import Failed, Finished, Stage
+from diffusers_helper.models.loading import load_models
+from diffusers_helper.memory.policy import (ALLOC_CONF_LOW_VRAM, apply_alloc_preset, choose_policy, load_model_chunked,
                                      model_bytes, store_weights_in_fp8)
-from diffusers_helper.placement import Placement
-from diffusers_helper.request import GenerationRequest
-from diffusers_helper.tiny import tiny_spec
+from diffusers_helper.memory.placement import Placement
+from diffusers_helper.pipeline.request import GenerationRequest
+from diffusers_helper.models.tiny import tiny_spec
 
 
 @pytest.mark.parametrize("vram, ram, policy", [
@@ -117,7 +117,7 @@ def test_oom_with_nothing_left_to_try_fails_cleanly_and_keeps_sections(tiny_root
 
 
 def test_decode_oom_falls_back_to_spatial_tiles(tiny_bundles, monkeypatch):
-    from diffusers_helper import decode
+    from diffusers_helper.vae import decode
 
     dec = decode.SectionDecoder(tiny_bundles["tiny"].vae)
 

@@ -5,16 +5,16 @@ import copy
 import pytest
 import torch
 
-from diffusers_helper.engine import Engine
-from diffusers_helper.events import Finished
-from diffusers_helper.placement import Placement
-from diffusers_helper.quant import QuantOptions, bnb_config, check_bnb_usable, has_quantized_weights
-from diffusers_helper.request import GenerationRequest
-from diffusers_helper.settings import Settings, weight_format
-from diffusers_helper.speed import SpeedOptions, convert_weights
-from diffusers_helper.startup import quant_options, speed_options
-from diffusers_helper.tiny import build_tiny_transformer
-from diffusers_helper.warmup import forward_fn, section_inputs
+from diffusers_helper.pipeline.engine import Engine
+from diffusers_helper.pipeline.events import Finished
+from diffusers_helper.memory.placement import Placement
+from diffusers_helper.accel.quant import QuantOptions, bnb_config, check_bnb_usable, has_quantized_weights
+from diffusers_helper.pipeline.request import GenerationRequest
+from diffusers_helper.config import Settings, weight_format
+from diffusers_helper.accel.speed import SpeedOptions, convert_weights
+from diffusers_helper.app.startup import quant_options, speed_options
+from diffusers_helper.models.tiny import build_tiny_transformer
+from diffusers_helper.pipeline.warmup import forward_fn, section_inputs
 
 pytest.importorskip("torchao")
 
@@ -52,8 +52,8 @@ def test_fp8_and_torchao_together_are_refused(deep):
 
 
 def test_int8_engine_runs_under_streamed_placement(tiny_root, tmp_path, test_image):
-    from diffusers_helper.loading import load_models
-    from diffusers_helper.tiny import tiny_spec
+    from diffusers_helper.models.loading import load_models
+    from diffusers_helper.models.tiny import tiny_spec
 
     bundle = load_models(tiny_spec("tiny-f1", tiny_root))
     # torchao's tensor subclasses go through diffusers' group offloading instead of the block streamer
@@ -77,7 +77,7 @@ def test_settings_map_to_quantization():
 
 def test_one_weight_format_wins_when_several_are_on():
     """FP8 and bitsandbytes both replace nn.Linear: start-up converts with one, and the compat check says which."""
-    from diffusers_helper.compat import SystemInfo, check
+    from diffusers_helper.app.compat import SystemInfo, check
 
     s = Settings(enable_fp8=True, use_bnb=True, enable_quant=True, quant_bits=4)
     assert weight_format(s) == "fp8"
@@ -100,7 +100,7 @@ def test_bnb_config_keeps_embedders_and_modulation_in_bf16():
 def test_bnb_without_cuda_says_what_to_use_instead(tiny_root, tmp_path):
     with pytest.raises(RuntimeError, match="needs a CUDA GPU.*FRAMEPACK_ENABLE_QUANT"):
         check_bnb_usable()
-    from diffusers_helper.service import EngineProvider
+    from diffusers_helper.app.service import EngineProvider
 
     provider = EngineProvider(models_dir=str(tiny_root), offline=True, outputs_dir=tmp_path,
                               bnb=QuantOptions(bnb_bits=8))

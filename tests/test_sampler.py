@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from diffusers_helper.sampling import (CancelToken, Guidance, JobCancelled, flux_mu, flux_sigmas, rescale_cfg,
+from diffusers_helper.pipeline.sampling import (CancelToken, Guidance, JobCancelled, flux_mu, flux_sigmas, rescale_cfg,
                                        sample_section)
-from diffusers_helper.unipc import FlowMatchUniPC
+from diffusers_helper.pipeline.unipc import FlowMatchUniPC
 
 
 def test_flux_mu_line_and_cap():

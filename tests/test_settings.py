@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-from diffusers_helper.settings import (SettingsError, Settings, docs_table, explain, load_settings,
-                                       setting_fields)
+from diffusers_helper.config import SettingsError, Settings, load_settings, setting_fields
+from diffusers_helper.config.docs import docs_table, explain
 
 
 def load(argv=(), env=None, config=None, tmp_path=None):

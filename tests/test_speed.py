@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from diffusers_helper import bench
-from diffusers_helper.speed import (SpeedOptions, apply_speed, choose_attention_backend, compile_blocks,
+from diffusers_helper.accel.speed import (SpeedOptions, apply_speed, choose_attention_backend, compile_blocks,
                                     set_attention_backend)
 
 
@@ -55,8 +55,8 @@ def test_bench_command_on_cpu_with_compile(tmp_path):
 
 
 def test_apply_speed_reports_what_is_active(tiny_root):
-    from diffusers_helper.loading import load_models
-    from diffusers_helper.tiny import tiny_spec
+    from diffusers_helper.models.loading import load_models
+    from diffusers_helper.models.tiny import tiny_spec
 
     t = load_models(tiny_spec("tiny", tiny_root), parts=["transformer"]).transformer
     active = apply_speed(t, SpeedOptions(attention="math"))
@@ -64,7 +64,7 @@ def test_apply_speed_reports_what_is_active(tiny_root):
 
 
 def test_fp8_linear_close_to_the_original():
-    from diffusers_helper.fp8 import FP8Linear
+    from diffusers_helper.accel.fp8 import FP8Linear
 
     torch.manual_seed(0)
     lin = torch.nn.Linear(64, 32)
@@ -76,9 +76,9 @@ def test_fp8_linear_close_to_the_original():
 
 
 def test_fp8_conversion_scope_and_fidelity(tiny_root):
-    from diffusers_helper.fp8 import FP8Linear, convert_to_fp8
-    from diffusers_helper.loading import load_models
-    from diffusers_helper.tiny import tiny_spec
+    from diffusers_helper.accel.fp8 import FP8Linear, convert_to_fp8
+    from diffusers_helper.models.loading import load_models
+    from diffusers_helper.models.tiny import tiny_spec
 
     t = load_models(tiny_spec("tiny", tiny_root), parts=["transformer"]).transformer
     cond, noise = bench._inputs(t, 64, torch.float32, torch.device("cpu"))
@@ -96,8 +96,8 @@ def test_fp8_conversion_scope_and_fidelity(tiny_root):
 
 
 def _provider(out, cache, **speed):
-    from diffusers_helper.service import EngineProvider
-    from diffusers_helper.speed import SpeedOptions
+    from diffusers_helper.app.service import EngineProvider
+    from diffusers_helper.accel.speed import SpeedOptions
 
     speed.setdefault("fp8", not speed.get("quant_bits"))
     return EngineProvider(outputs_dir=out, speed=SpeedOptions(**speed), opt_cache=str(cache))
@@ -109,7 +109,7 @@ def _assert_reload_close(first, second, unconverted_provider, image, sampled_lat
     asked for, since the reloaded weights sit at other addresses and some CPUs' BLAS rounds differently there;
     torchao INT8 then flips a few activation roundings (measured on an AMD EPYC: 0.33 of the conversion's effect)."""
     from diffusers_helper.parity import relative_l2
-    from diffusers_helper.request import GenerationRequest
+    from diffusers_helper.pipeline.request import GenerationRequest
 
     req = dict(prompt="x", seconds=1, steps=2, use_teacache=False)
     runs = {}
@@ -123,7 +123,7 @@ def _assert_reload_close(first, second, unconverted_provider, image, sampled_lat
 
 def test_optimized_transformer_cache_saves_then_loads(tiny_root, tmp_path, test_image, caplog, monkeypatch,
                                                       same_weights, sampled_latents):
-    from diffusers_helper.fp8 import FP8Linear
+    from diffusers_helper.accel.fp8 import FP8Linear
 
     monkeypatch.setenv("FRAMEPACK_CACHE_DIR", str(tiny_root.parent))
     cache = tmp_path / "optimized_models"

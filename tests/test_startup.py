@@ -7,8 +7,8 @@ import subprocess
 import pytest
 
 from conftest import REPO
-from diffusers_helper.settings import Settings
-from diffusers_helper.startup import apply_runtime_flags, model_name, placement_override
+from diffusers_helper.config import Settings
+from diffusers_helper.app.startup import apply_runtime_flags, model_name, placement_override
 
 
 def dry_run(*args, env=None):

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from diffusers_helper import vae_plan
-from diffusers_helper.decode import SectionDecoder, vae_decode
-from diffusers_helper.vae_chunked import LayerwiseDecoder, decode_exact
-from diffusers_helper.vae_plan import DecodeOptions, plan_decode
-from diffusers_helper.vae_trt import TensorRTTileDecoder
+from diffusers_helper.vae import plan as vae_plan
+from diffusers_helper.vae.decode import SectionDecoder, vae_decode
+from diffusers_helper.vae.chunked import LayerwiseDecoder, decode_exact
+from diffusers_helper.vae.plan import DecodeOptions, plan_decode
+from diffusers_helper.vae.trt import TensorRTTileDecoder
 
 TOL = 1e-4  # float32 rounding; outputs are O(1)
 
@@ -178,10 +178,10 @@ def test_tensorrt_build_and_runtime_failures_fall_back(vae, tmp_path):
 
 
 def test_quality_mode_job(tiny_bundles, tmp_path, test_image):
-    from diffusers_helper.engine import Engine
-    from diffusers_helper.events import Finished
-    from diffusers_helper.placement import Placement
-    from diffusers_helper.request import GenerationRequest
+    from diffusers_helper.pipeline.engine import Engine
+    from diffusers_helper.pipeline.events import Finished
+    from diffusers_helper.memory.placement import Placement
+    from diffusers_helper.pipeline.request import GenerationRequest
 
     engine = Engine(tiny_bundles["tiny-f1"], Placement(torch.device("cpu"), "full"), outputs_dir=tmp_path)
     final = engine.generate(GenerationRequest(prompt="x", image=test_image, seconds=2.4, steps=2,

@@ -62,7 +62,7 @@ def tile_peak_bytes(vae, tile_latents: int, height: int, width: int, chunk_budge
 
 def free_bytes(device: torch.device) -> int:
     if device.type == "cuda":
-        from .memory import cuda_free_bytes
+        from ..memory.policy import cuda_free_bytes
 
         return cuda_free_bytes(device)  # within a per-process memory cap, when one is set
     try:

@@ -7,10 +7,10 @@ import logging
 import numpy as np
 import torch
 
-from .vae_chunked import LayerwiseDecoder, decode_exact, stock_tiling, tiled_decode
-from .vae_plan import DecodeOptions, DecodePlan, plan_decode
-from .vae_trt import TensorRTTileDecoder
-from .video import pixels_to_uint8
+from .chunked import LayerwiseDecoder, decode_exact, stock_tiling, tiled_decode
+from .plan import DecodeOptions, DecodePlan, plan_decode
+from .trt import TensorRTTileDecoder
+from ..media.video import pixels_to_uint8
 
 log = logging.getLogger("framepack.vae")
 

@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from .decode import VideoAccumulator
+from ..vae.decode import VideoAccumulator
 from .events import SectionFinished
 
 log = logging.getLogger("framepack.finisher")

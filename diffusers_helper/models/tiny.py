@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from . import model_specs
-from .model_specs import ModelSpec, PartSpec
+from . import specs as model_specs
+from .specs import ModelSpec, PartSpec
 
 logger = logging.getLogger("framepack.tiny")
 

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .engine import new_job_id
-from .events import Cancelled, Failed, Finished, SectionFinished, Stage, StepProgress
-from .request import GenerationRequest, InputError
-from .sampling import CancelToken
+from ..pipeline.engine import new_job_id
+from ..pipeline.events import Cancelled, Failed, Finished, SectionFinished, Stage, StepProgress
+from ..pipeline.request import GenerationRequest, InputError
+from ..pipeline.sampling import CancelToken
 
 log = logging.getLogger("framepack.jobs")
 

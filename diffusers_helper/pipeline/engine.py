@@ -20,23 +20,23 @@ from typing import Callable, Iterator
 
 import torch
 
-from . import __version__
+from .. import __version__
 from .buckets import find_nearest_bucket, resize_and_center_crop
 from .conditioning import encode_prompt, image_to_tensor, siglip_embed, vae_encode
-from .decode import SectionDecoder, VideoAccumulator
+from ..vae.decode import SectionDecoder, VideoAccumulator
 from .finisher import SectionFinisher
 from .events import (TERMINAL, Cancelled, Event, Failed, Finished, SectionFinished, Stage,
                      StepProgress)
-from .memory import store_weights_in_fp8
-from .placement import MemoryPolicy, Placement
-from .preview import latent_preview
+from ..memory.policy import store_weights_in_fp8
+from ..memory.placement import MemoryPolicy, Placement
+from ..media.preview import latent_preview
 from .request import GenerationRequest, InputError
 from .sampling import CancelToken, Guidance, JobCancelled, StepInfo, draw_noise, sample_section
 from .sections import SectionSchedule, frame_count, section_count
-from .speed import SpeedOptions, apply_speed, convert_weights
-from .teacache import attach_teacache
-from .vae_plan import DecodeOptions
-from .video import write_json, write_mp4, write_png
+from ..accel.speed import SpeedOptions, apply_speed, convert_weights
+from ..caches.teacache import attach_teacache
+from ..vae.plan import DecodeOptions
+from ..media.video import write_json, write_mp4, write_png
 
 log = logging.getLogger("framepack.engine")
 

@@ -22,8 +22,8 @@ from typing import Callable
 import torch
 
 from .block_stream import BlockStreamer
-from .quant import has_quantized_weights
-from .memory import EVERYTHING_GB, choose_policy, cuda_free_bytes, get_cuda_free_memory_gb, get_free_ram_gb, model_bytes
+from ..accel.quant import has_quantized_weights
+from .policy import EVERYTHING_GB, choose_policy, cuda_free_bytes, get_cuda_free_memory_gb, get_free_ram_gb, model_bytes
 
 log = logging.getLogger("framepack.placement")
 

@@ -13,7 +13,7 @@ import logging
 import torch
 
 from .loading import ModelBundle, load_models
-from .model_specs import real_spec
+from .specs import real_spec
 from .tiny import ensure_tiny_models, tiny_spec
 
 log = logging.getLogger("framepack.fullsize")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .model_specs import PROMPT_TEMPLATE
+from ..models.specs import PROMPT_TEMPLATE
 
 LLAMA_MAX_TOKENS = 256
 LLAMA_PAD_TO = 512

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from .engine import Engine
-from .loading import PART_NAMES, ModelBundle, load_models, resolve_spec
-from .placement import Placement, pick_device
+from ..pipeline.engine import Engine
+from ..models.loading import PART_NAMES, ModelBundle, load_models, resolve_spec
+from ..memory.placement import Placement, pick_device
 
 log = logging.getLogger("framepack.service")
 
@@ -73,7 +73,7 @@ class EngineProvider:
                                   decode_options=self.decode_options, async_decode=self.async_decode,
                                   speed=self.speed, fp8_storage=self.fp8_storage)
             if cached_path is not None and "transformer" in missing:
-                from .opt_cache import save_optimized
+                from ..accel.opt_cache import save_optimized
 
                 save_optimized(bundle.transformer, cached_path, self._opt_key(spec), self._opt_format())
             if self.speed is not None and self.speed.warmup:
@@ -85,7 +85,7 @@ class EngineProvider:
     def _transformer_kwargs(self, spec) -> dict | None:
         if self.bnb is None or not self.bnb.bnb_bits:
             return None
-        from .quant import bnb_config, check_bnb_usable
+        from ..accel.quant import bnb_config, check_bnb_usable
 
         check_bnb_usable()
         log.info("Loading the transformer with bitsandbytes %d-bit weights", self.bnb.bnb_bits)
@@ -105,7 +105,7 @@ class EngineProvider:
                 "use_scaled_mm": s.fp8_use_scaled_mm}
 
     def _opt_key(self, spec) -> str:
-        from .opt_cache import cache_key
+        from ..accel.opt_cache import cache_key
 
         fmt = self._opt_format()
         return cache_key(spec.transformer.repo, spec.transformer.dtype, fmt,
@@ -114,14 +114,14 @@ class EngineProvider:
     def _opt_cache_path(self, spec):
         if not self.opt_cache or self._opt_format() is None:
             return None
-        from .opt_cache import cache_path
+        from ..accel.opt_cache import cache_path
 
         return cache_path(self.opt_cache, spec.name, self._opt_format(), self._opt_key(spec))
 
     def _load_cached(self, path, spec):
         from diffusers import HunyuanVideoFramepackTransformer3DModel
 
-        from .opt_cache import load_optimized
+        from ..accel.opt_cache import load_optimized
 
         return load_optimized(HunyuanVideoFramepackTransformer3DModel, path, self._opt_key(spec),
                               spec.transformer.dtype, self._opt_format(), self._fp8_options())

@@ -13,8 +13,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .memory import EVERYTHING_GB as FULL_PLACEMENT_GB
-from .settings import TORCHAO_BITS, WEIGHT_FORMAT_NAMES, Settings, weight_format, weight_formats
+from ..memory.policy import EVERYTHING_GB as FULL_PLACEMENT_GB
+from ..config import TORCHAO_BITS, WEIGHT_FORMAT_NAMES, Settings, weight_format, weight_formats
 
 log = logging.getLogger("framepack.compat")
 

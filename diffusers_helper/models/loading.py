@@ -15,8 +15,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from . import model_specs
-from .model_specs import ModelSpec, PartSpec
+from . import specs as model_specs
+from .specs import ModelSpec, PartSpec
 
 logger = logging.getLogger("framepack.loading")
 

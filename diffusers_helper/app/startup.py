@@ -11,7 +11,7 @@ import sys
 from typing import Mapping
 
 from .compat import SystemInfo, check, report
-from .settings import (TORCHAO_BITS, LoadedSettings, Settings, SettingsError, load_settings, torch_sdp_flag,
+from ..config import (TORCHAO_BITS, LoadedSettings, Settings, SettingsError, load_settings, torch_sdp_flag,
                        weight_format)
 
 log = logging.getLogger("framepack.startup")
@@ -54,7 +54,7 @@ def placement_override(settings: Settings) -> str | None:
 
 
 def decode_options(settings: Settings):
-    from .vae_plan import DecodeOptions
+    from ..vae.plan import DecodeOptions
 
     backend = "tensorrt" if settings.enable_tensorrt else settings.vae_backend
     return DecodeOptions(chunk_size=settings.vae_chunk_size, reserve_gb=settings.vae_chunk_reserve_gb,
@@ -67,7 +67,7 @@ def decode_options(settings: Settings):
 
 
 def speed_options(settings: Settings):
-    from .speed import SpeedOptions
+    from ..accel.speed import SpeedOptions
 
     fmt = weight_format(settings)
     return SpeedOptions(attention=settings.attention_backend, xformers_mode=settings.xformers_mode,
@@ -82,7 +82,7 @@ def speed_options(settings: Settings):
 
 def quant_options(settings: Settings):
     """bitsandbytes, applied while loading (FP8 and torchao are SpeedOptions conversions after loading)."""
-    from .quant import QuantOptions
+    from ..accel.quant import QuantOptions
 
     fmt = weight_format(settings)
     if fmt not in ("bnb8", "nf4"):

@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .fp8 import convert_to_fp8
-from .settings import TORCHAO_BITS
+from ..config import TORCHAO_BITS
 
 log = logging.getLogger("framepack.opt_cache")
 FORMAT = 1

@@ -1,0 +1,322 @@
+"""Every knob users set, declared once: type, default, limits, variable, flags, status.
+
+The loader (`load.py`), the docs table and `--explain` (`docs.py`) all read this one table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+ACTIVE = "active"
+PLANNED = "planned"  # the feature is not built yet: say so instead of ignoring the value
+UNSUPPORTED = "unsupported"  # deliberately not offered; the reason says why
+
+TRUE_WORDS = {"1", "true", "yes", "on"}
+FALSE_WORDS = {"0", "false", "no", "off"}
+
+
+class SettingsError(ValueError):
+    """A bad value: names the variable, the value and what is accepted. Stops start-up."""
+
+
+def _s(default, env=None, flags=(), help="", *, choices=None, min=None, max=None, status=ACTIVE, note="",
+       group="general", aliases=(), negative_flags=(), kind=None):
+    """Field with the metadata the parser, validator and docs read."""
+    meta = dict(env=env, flags=tuple(flags), help=help, choices=choices, min=min, max=max, status=status, note=note,
+                group=group, aliases=tuple(aliases), negative_flags=tuple(negative_flags), kind=kind)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+_V5 = "VAE decode work (issue 5)"
+_LATER = "not built yet"
+
+
+@dataclass
+class Settings:
+    # -- app and files ------------------------------------------------------------------------------
+    model: str = _s("framepack", "FRAMEPACK_MODEL", ["--model"], "model to load first",
+                    choices=("framepack", "f1", "tiny", "tiny-f1"))
+    tiny: bool = _s(False, "FRAMEPACK_TINY", ["--tiny"], "use the small offline models (no download)")
+    models_dir: str = _s("", "FRAMEPACK_MODELS_DIR", ["--models-dir"], "local folder laid out like the HF repos",
+                         kind="path")
+    cache_dir: str = _s("cache", "FRAMEPACK_CACHE_DIR", ["--cache-dir"], "where the tiny models and caches live",
+                        kind="path")
+    output_dir: str = _s("outputs", "FRAMEPACK_OUTPUT_DIR", ["--output-dir"], "where videos are written",
+                         kind="path")
+    offline: bool = _s(False, "FRAMEPACK_OFFLINE", ["--offline"], "never download (same as HF_HUB_OFFLINE=1)")
+    device: str = _s("auto", "FRAMEPACK_DEVICE", ["--device"], "auto, cpu, cuda or cuda:N")
+    server: str = _s("127.0.0.1", "FRAMEPACK_SERVER", ["--server"], "address the web app binds to")
+    port: int = _s(0, "FRAMEPACK_PORT", ["--port"], "web app port (0: 7860 or the next free one)", min=0, max=65535)
+    share: bool = _s(False, "FRAMEPACK_SHARE", ["--share"], "make a public Gradio link")
+    inbrowser: bool = _s(False, "FRAMEPACK_INBROWSER", ["--inbrowser"], "open a browser tab at start")
+    skip_compat_wait: bool = _s(False, "FRAMEPACK_SKIP_COMPAT_WAIT", ["--no-compat-wait"],
+                                "do not pause 5 s after a critical compatibility finding")
+    log_level: str = _s("INFO", "FRAMEPACK_LOG_LEVEL", ["--log-level"], "logging level",
+                        choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+
+    # -- job defaults (the UI starts from these; each job may override) --------------------------------
+    seed: int = _s(31337, "FRAMEPACK_SEED", ["--seed"], "default seed", min=0, max=2**63 - 1, group="job")
+    video_length: float = _s(5.0, "FRAMEPACK_VIDEO_LENGTH", ["--video-length"], "default length in seconds",
+                             min=0.1, max=120.0, group="job")
+    steps: int = _s(25, "FRAMEPACK_STEPS", ["--steps"], "sampling steps per section", min=1, max=100, group="job")
+    latent_window_size: int = _s(9, "FRAMEPACK_LATENT_WINDOW_SIZE", ["--latent-window-size"],
+                                 "latent frames per section", min=1, max=33, group="job")
+    cfg: float = _s(1.0, "FRAMEPACK_CFG", ["--cfg"], "real CFG scale (1: off)", min=1.0, max=32.0, group="job")
+    gs: float = _s(10.0, "FRAMEPACK_GS", ["--gs"], "distilled CFG scale", min=0.0, max=32.0, group="job")
+    rs: float = _s(0.0, "FRAMEPACK_RS", ["--rs"], "CFG rescale", min=0.0, max=1.0, group="job")
+    use_teacache: bool = _s(True, "FRAMEPACK_USE_TEACACHE", ["--teacache"], "TeaCache on by default", group="job",
+                            negative_flags=["--no-teacache"])
+    teacache_threshold: float = _s(0.15, "FRAMEPACK_TEACACHE_THRESHOLD", ["--teacache-threshold"],
+                                   "TeaCache accumulated-change threshold", min=0.0, max=1.0, group="job")
+    gpu_memory_preservation: float = _s(6.0, "FRAMEPACK_GPU_MEMORY_PRESERVATION", ["--gpu-memory-preservation"],
+                                        "GB of VRAM kept free when models are swapped (under the swap placement)",
+                                        min=0.0,
+                                        max=128.0, group="job")
+    mp4_crf: int = _s(16, "FRAMEPACK_MP4_CRF", ["--mp4-crf"], "H.264 quality, lower is better", min=0, max=51,
+                      group="job")
+    resolution: int = _s(0, "FRAMEPACK_RESOLUTION", ["--resolution"],
+                         "bucket resolution (0: the model's own, 640 for the real models)", min=0, max=2048,
+                         group="job")
+    quality_mode: bool = _s(False, "FRAMEPACK_QUALITY_MODE", ["--quality-mode"],
+                            "decode each section in as few temporal tiles as memory allows (fewer seams)",
+                            group="job")
+    mixed_precision: bool = _s(True, "FRAMEPACK_MIXED_PRECISION", ["--mixed-precision"],
+                               "bf16/fp16 compute; off computes the transformer in float32", group="job",
+                               negative_flags=["--no-mixed-precision"])
+    batch_processing: bool = _s(False, "FRAMEPACK_BATCH_PROCESSING", ["--batch-processing"],
+                                "run the CFG branches as one batch when CFG > 1", group="job")
+
+    # -- memory ------------------------------------------------------------------------------------------
+    keep_models_in_gpu: bool = _s(False, "FRAMEPACK_KEEP_MODELS_IN_GPU", ["--keep-models-in-gpu"],
+                                  "keep every model on the GPU (needs ~60 GB free)", group="memory")
+    aggressive_gpu: bool = _s(False, "FRAMEPACK_AGGRESSIVE_GPU", ["--aggressive-gpu"],
+                              "use more VRAM: larger decode chunks, half the preserved memory, less reserve",
+                              group="memory")
+    placement: str = _s("auto", "FRAMEPACK_PLACEMENT", ["--placement"],
+                        "model placement policy: auto, full or swap", choices=("auto", "full", "swap"),
+                        group="memory")
+    use_memory_v2: bool = _s(False, "FRAMEPACK_USE_MEMORY_V2", ["--use-memory-v2"],
+                             "stream the transformer with pinned memory and prefetch (the swap policy)",
+                             group="memory")
+    chunk_size_multiplier: float = _s(1.0, "FRAMEPACK_CHUNK_SIZE_MULTIPLIER", ["--chunk-size-multiplier"],
+                                      "scales the auto-sized VAE decode chunks (larger: faster, more VRAM)",
+                                      min=0.5, max=3.0, group="memory")
+    max_chunk_size: int = _s(2048, "FRAMEPACK_MAX_CHUNK_SIZE", ["--max-chunk-size"],
+                             "most query tokens per attention call in the VAE's mid block", min=1024, max=8192,
+                             group="memory")
+    cpu_offload_threshold_gb: float = _s(6.0, "FRAMEPACK_CPU_OFFLOAD_THRESHOLD", ["--cpu-offload-threshold"],
+                                         "swap models to the CPU only when VRAM in use would exceed this (GB)",
+                                         min=0.0,
+                                         max=128.0, group="memory")
+    fp8_storage: bool = _s(False, "FRAMEPACK_FP8_STORAGE", ["--fp8-storage"],
+                           "store transformer weights in FP8 and compute in bf16 (half the weight memory)",
+                           group="memory")
+    bnb_cpu_offload: bool = _s(False, "FRAMEPACK_BNB_CPU_OFFLOAD", ["--bnb-cpu-offload"],
+                               "offload quantized models to CPU when idle", group="memory", status=UNSUPPORTED,
+                               note="the \"swap\" placement already moves a bitsandbytes transformer to the CPU "
+                                    "when another model needs the room")
+
+    # -- speed: attention, compile, precision ------------------------------------------------------------
+    xformers_mode: str = _s("standard", "FRAMEPACK_XFORMERS_MODE", ["--xformers-mode"],
+                            "standard: fastest PyTorch SDPA kernel; aggressive: xFormers; off: plain math",
+                            choices=("standard", "aggressive", "off"), group="speed")
+    attention_backend: str = _s("auto", "FRAMEPACK_ATTENTION_BACKEND", ["--attention-backend"],
+                                "attention kernel through diffusers' dispatcher (auto: from xformers_mode and the GPU)",
+                                choices=("auto", "native", "cudnn", "flash", "efficient", "math", "xformers", "sage",
+                                         "flash-attn"), group="speed")
+    enable_compile: bool = _s(False, "FRAMEPACK_ENABLE_COMPILE", ["--enable-compile"],
+                              "torch.compile the repeated transformer blocks (kernels cached on disk)", group="speed")
+    compile_mode: str = _s("default", "FRAMEPACK_COMPILE_MODE", ["--compile-mode"], "torch.compile mode",
+                           choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+                           group="speed")
+    fast_start: bool = _s(False, "FRAMEPACK_FAST_START", ["--fast-start"],
+                          "skip the compile warm-up and the optimized-model cache at start-up (the first job "
+                          "compiles instead)", group="speed")
+    jit_mode: str = _s("off", "FRAMEPACK_JIT_MODE", ["--jit-mode"], "TorchScript mode",
+                       choices=("off", "trace", "script"), group="speed", status=UNSUPPORTED,
+                       note="TorchScript is deprecated in PyTorch and cannot trace diffusers' hooked transformer; "
+                            "use FRAMEPACK_ENABLE_COMPILE=1")
+    jit_artifact: str = _s("", "FRAMEPACK_JIT_ARTIFACT", [], "TorchScript file", group="speed", kind="path",
+                           status=UNSUPPORTED, note="TorchScript is not offered (see jit_mode)")
+    jit_save: str = _s("", "FRAMEPACK_JIT_SAVE", [], "save a traced model", group="speed", kind="path",
+                       status=UNSUPPORTED, note="TorchScript is not offered (see jit_mode)")
+    jit_load: str = _s("", "FRAMEPACK_JIT_LOAD", [], "load a traced model", group="speed", kind="path",
+                       status=UNSUPPORTED, note="TorchScript is not offered (see jit_mode)")
+    jit_strict: bool = _s(False, "FRAMEPACK_JIT_STRICT", [], "strict TorchScript shapes", group="speed",
+                          status=UNSUPPORTED, note="TorchScript is not offered (see jit_mode)")
+    enforce_low_precision: bool = _s(False, "FRAMEPACK_ENFORCE_LOW_PRECISION", ["--enforce-low-precision"],
+                                     "cast every model to bf16/fp16 (no float32 layers)", group="speed",
+                                     status=PLANNED, note=_LATER)
+    tf32: bool = _s(True, "FRAMEPACK_TF32", ["--tf32"], "TF32 matmuls for float32 work on Ampere+",
+                    group="speed", negative_flags=["--no-tf32"])
+    cudnn_benchmark: bool = _s(True, "FRAMEPACK_CUDNN_BENCHMARK", ["--cudnn-benchmark"],
+                               "let cuDNN pick the fastest convolution (VAE) per shape", group="speed",
+                               negative_flags=["--no-cudnn-benchmark"])
+    enable_prune: bool = _s(False, "FRAMEPACK_ENABLE_PRUNE", ["--enable-prune"], "remove transformer layers",
+                            group="speed", status=UNSUPPORTED,
+                            note="removing layers of a distilled 13B model changes its output; not offered")
+
+    # -- quantization ---------------------------------------------------------------------------------------
+    enable_fp8: bool = _s(False, "FRAMEPACK_ENABLE_FP8", ["--enable-fp8"], "row-wise FP8 linears in the transformer blocks (FP8 matmuls on Ada/Hopper+)",
+                          group="quant")
+    fp8_target_keys: list = _s([], "FRAMEPACK_FP8_TARGET_KEYS", ["--fp8-target-keys"],
+                               "comma-separated module-name parts to convert (empty: all linears)", group="quant",
+                               kind="csv")
+    fp8_exclude_keys: list = _s(["norm"], "FRAMEPACK_FP8_EXCLUDE_KEYS", ["--fp8-exclude-keys"],
+                                "comma-separated module-name parts to keep in bf16", group="quant", kind="csv")
+    fp8_use_scaled_mm: bool = _s(True, "FRAMEPACK_FP8_USE_SCALED_MM", ["--fp8-use-scaled-mm"],
+                                 "row-wise scaled FP8 matmul (torch._scaled_mm)", group="quant")
+    enable_quant: bool = _s(False, "FRAMEPACK_ENABLE_QUANT", ["--enable-quant"],
+                            "torchao integer linears in the transformer blocks (needs torchao)", group="quant")
+    quant_bits: int = _s(8, "FRAMEPACK_QUANT_BITS", ["--quant-bits"],
+                         "8: int8 weights and activations (int8 matmuls); 4: int4 weights (memory, slower)",
+                         choices=(4, 8), group="quant")
+    use_bnb: bool = _s(False, "FRAMEPACK_USE_BNB", ["--use-bnb"],
+                       "bitsandbytes 8-bit transformer, quantized while loading (CUDA only; saves memory, slower)",
+                       group="quant")
+    bnb_load_in_4bit: bool = _s(False, "FRAMEPACK_BNB_LOAD_IN_4BIT", ["--bnb-load-in-4bit"],
+                                "bitsandbytes 4-bit (NF4) instead of 8-bit", group="quant")
+    bnb_device_map: str = _s("auto", "FRAMEPACK_BNB_DEVICE_MAP", ["--bnb-device-map"], "bitsandbytes placement",
+                             choices=("auto", "cpu", "balanced"), group="quant", status=UNSUPPORTED,
+                             note="the memory manager places the bitsandbytes transformer (on the GPU, moved whole "
+                                  "when room is needed); its kernels cannot run on the CPU")
+    bnb_double_quant: bool = _s(False, "FRAMEPACK_BNB_DOUBLE_QUANT", ["--bnb-double-quant"],
+                                "bitsandbytes nested quantization", group="quant")
+    enable_opt_cache: bool = _s(False, "FRAMEPACK_ENABLE_OPT_CACHE", ["--enable-opt-cache"],
+                                "save the FP8 or torchao-quantized transformer once and load it directly next time",
+                                group="quant")
+    optimized_transformer: str = _s("optimized_models", "FRAMEPACK_OPTIMIZED_TRANSFORMER",
+                                    ["--optimized-transformer"],
+                                    "folder (one file per model and options) or file for the optimized transformer",
+                                    group="quant", kind="path")
+    enable_module_cache: bool = _s(True, "FRAMEPACK_ENABLE_MODULE_CACHE", ["--enable-module-cache"],
+                                   "keep torch.compile's kernels in the project cache between launches (off: "
+                                   "PyTorch's temporary folder)", group="quant",
+                                   negative_flags=["--disable-module-cache"])
+
+    # -- step caches -----------------------------------------------------------------------------------------
+    enable_fbcache: bool = _s(False, "FRAMEPACK_ENABLE_FBCACHE", ["--enable-fbcache"],
+                              "first-block cache (diffusers FirstBlockCache)", group="caches",
+                              negative_flags=["--disable-fbcache"], status=PLANNED, note=_LATER)
+    fbcache_threshold: float = _s(0.035, "FRAMEPACK_FBCACHE_THRESHOLD", ["--fbcache-threshold"],
+                                  "first-block residual change threshold", min=0.0, max=1.0, group="caches",
+                                  status=PLANNED, note=_LATER)
+    fbcache_verbose: bool = _s(False, "FRAMEPACK_FBCACHE_VERBOSE", [], "log first-block cache decisions",
+                               group="caches", status=PLANNED, note=_LATER)
+    enable_sim_cache: bool = _s(False, "FRAMEPACK_ENABLE_SIM_CACHE", ["--enable-sim-cache"],
+                                "similarity cache", group="caches", negative_flags=["--disable-sim-cache"],
+                                status=UNSUPPORTED, note="TeaCache (and the first-block cache) cover step reuse; a "
+                                "cosine-similarity cache of whole outputs has no published FramePack calibration")
+    sim_cache_threshold: float = _s(0.9, "FRAMEPACK_SIM_CACHE_THRESHOLD", [], "cosine threshold", min=0.0,
+                                    max=1.0, group="caches", status=UNSUPPORTED, note="see enable_sim_cache")
+    sim_cache_max_skip: int = _s(1, "FRAMEPACK_SIM_CACHE_MAX_SKIP", [], "max blocks to skip", min=0, max=100,
+                                 group="caches", status=UNSUPPORTED, note="see enable_sim_cache")
+    sim_cache_max_entries: int = _s(12, "FRAMEPACK_SIM_CACHE_MAX_ENTRIES", [], "cache size", min=1, max=1000,
+                                    group="caches", status=UNSUPPORTED, note="see enable_sim_cache")
+    sim_cache_use_faiss: bool = _s(False, "FRAMEPACK_SIM_CACHE_USE_FAISS", [], "FAISS search", group="caches",
+                                   status=UNSUPPORTED, note="see enable_sim_cache")
+    sim_cache_verbose: bool = _s(False, "FRAMEPACK_SIM_CACHE_VERBOSE", [], "debug logging", group="caches",
+                                 status=UNSUPPORTED, note="see enable_sim_cache")
+    enable_kv_cache: bool = _s(False, "FRAMEPACK_ENABLE_KV_CACHE", ["--enable-kv-cache"],
+                               "cache the text tokens' keys/values across steps", group="caches",
+                               negative_flags=["--disable-kv-cache"], status=PLANNED, note=_LATER)
+    kv_cache_len: int = _s(4096, "FRAMEPACK_KV_CACHE_LEN", [], "max cached sequence length", min=1, max=1 << 20,
+                           group="caches", status=PLANNED, note=_LATER)
+    kv_cache_verbose: bool = _s(False, "FRAMEPACK_KV_CACHE_VERBOSE", [], "debug logging", group="caches",
+                                status=PLANNED, note=_LATER)
+    runtime_cache: bool = _s(True, "FRAMEPACK_RUNTIME_CACHE", [], "persist cache states between jobs",
+                             group="caches", status=PLANNED, note=_LATER)
+    runtime_cache_dir: str = _s("cache/runtime_caches", "FRAMEPACK_RUNTIME_CACHE_DIR", [],
+                                "where cache states are kept", group="caches", kind="path", status=PLANNED,
+                                note=_LATER)
+
+    # -- VAE decode ---------------------------------------------------------------------------------------------
+    async_decode: str = _s("auto", "FRAMEPACK_ASYNC_DECODE", ["--async-decode"],
+                           "decode a section while the next one samples (auto: on a GPU with every model "
+                           "resident; a second GPU is used when present)", choices=("auto", "on", "off"),
+                           group="vae")
+    vae_backend: str = _s("exact", "FRAMEPACK_VAE_BACKEND", ["--vae-backend"],
+                          "exact: layer-wise, equal to the stock decode in less memory; stock: vae.decode; "
+                          "compiled: stock with torch.compile; tensorrt: TensorRT with fallback to exact",
+                          choices=("exact", "stock", "compiled", "tensorrt"), group="vae")
+    vae_chunk_size: int = _s(0, "FRAMEPACK_VAE_CHUNK_SIZE", ["--vae-chunk-size"],
+                             "latent frames per decode chunk (0: sized from free VRAM)", min=0, max=64,
+                             group="vae")
+    vae_chunk_reserve_gb: float = _s(2.0, "FRAMEPACK_VAE_CHUNK_RESERVE_GB", [], "VRAM kept free when sizing chunks",
+                                     min=0.0, max=128.0, group="vae")
+    vae_chunk_safety: float = _s(1.2, "FRAMEPACK_VAE_CHUNK_SAFETY", [], "multiplier on the estimated chunk memory",
+                                 min=1.0, max=4.0, group="vae")
+    vae_upscale_factor: int = _s(8, "FRAMEPACK_VAE_UPSCALE_FACTOR", [], "pixels per latent in the decode memory estimate (the VAE's 8x)",
+                                 choices=(8,), group="vae")
+
+    # -- TensorRT / ONNX ----------------------------------------------------------------------------------------
+    enable_tensorrt: bool = _s(False, "FRAMEPACK_ENABLE_TENSORRT", ["--enable-tensorrt"],
+                               "TensorRT VAE decoder with fallback", group="tensorrt")
+    tensorrt_cache_dir: str = _s("cache/trt_cache", "FRAMEPACK_TENSORRT_CACHE_DIR", [], "engine cache",
+                                 group="tensorrt", kind="path")
+    trt_workspace_mb: int = _s(4096, "FRAMEPACK_TRT_WORKSPACE_MB", [], "builder workspace", min=256, max=1 << 20,
+                               group="tensorrt")
+    trt_max_aux_streams: int = _s(2, "FRAMEPACK_TRT_MAX_AUX_STREAMS", [], "auxiliary streams", min=0, max=16,
+                                  group="tensorrt")
+    trt_max_cached_shapes: int = _s(8, "FRAMEPACK_TRT_MAX_CACHED_SHAPES", [], "engines kept per shape cache",
+                                    min=1, max=256, group="tensorrt")
+    trt_transformer: bool = _s(False, "FRAMEPACK_TRT_TRANSFORMER", [], "TensorRT transformer", group="tensorrt",
+                               status=UNSUPPORTED, note="the 13B transformer with its history inputs does not "
+                               "export to a static TensorRT engine; torch.compile and FP8 are the transformer path")
+    trt_text_encoders: bool = _s(False, "FRAMEPACK_TRT_TEXT_ENCODERS", [], "TensorRT text encoders",
+                                 group="tensorrt", status=UNSUPPORTED,
+                                 note="text encoding runs once per job (well under 1% of the time)")
+    use_onnx_engines: bool = _s(False, "FRAMEPACK_USE_ONNX_ENGINES", [], "pre-built ONNX engines",
+                                group="tensorrt", status=UNSUPPORTED, note="see trt_transformer")
+    onnx_trt_enable: bool = _s(False, "FRAMEPACK_ONNX_TRT_ENABLE", [], "ONNX Runtime TensorRT provider",
+                               group="tensorrt", status=UNSUPPORTED, note="see trt_transformer")
+    onnx_trt_fp16: bool = _s(True, "FRAMEPACK_ONNX_TRT_FP16", [], "ONNX TRT fp16", group="tensorrt",
+                             status=UNSUPPORTED, note="see trt_transformer")
+    onnx_trt_int8: bool = _s(False, "FRAMEPACK_ONNX_TRT_INT8", [], "ONNX TRT int8", group="tensorrt",
+                             status=UNSUPPORTED, note="see trt_transformer")
+    onnx_trt_device_id: int = _s(0, "FRAMEPACK_ONNX_TRT_DEVICE_ID", [], "ONNX TRT GPU", min=0, max=63,
+                                 group="tensorrt", status=UNSUPPORTED, note="see trt_transformer")
+    onnx_trt_workspace_mb: int = _s(4096, "FRAMEPACK_ONNX_TRT_WORKSPACE_MB", [], "ONNX TRT workspace", min=256,
+                                    max=1 << 20, group="tensorrt", status=UNSUPPORTED, note="see trt_transformer")
+    onnx_trt_cache_dir: str = _s("cache/onnx_trt_cache", "FRAMEPACK_ONNX_TRT_CACHE_DIR", [], "ONNX TRT cache",
+                                 group="tensorrt", kind="path", status=UNSUPPORTED, note="see trt_transformer")
+
+    # -- loading ------------------------------------------------------------------------------------------------
+    parallel_loaders: int = _s(1, "FRAMEPACK_PARALLEL_LOADERS", [], "threads loading model parts", min=1, max=16,
+                               group="loading", status=PLANNED, note=_LATER)
+    preload_repos: bool = _s(False, "FRAMEPACK_PRELOAD_REPOS", [], "download every repo at start-up",
+                             group="loading", status=PLANNED, note=_LATER)
+    force_parallel_loaders: bool = _s(False, "FRAMEPACK_FORCE_PARALLEL_LOADERS", [],
+                                      "parallel loading even when RAM is short", group="loading", status=PLANNED,
+                                      note=_LATER)
+
+
+def job_defaults(s: "Settings") -> dict:
+    """Starting values of a job's controls, keyed by GenerationRequest field (UI, CLI and API share it)."""
+    return {"seed": s.seed, "seconds": s.video_length, "latent_window_size": s.latent_window_size, "steps": s.steps,
+            "cfg": s.cfg, "gs": s.gs, "rs": s.rs, "use_teacache": s.use_teacache,
+            "teacache_threshold": s.teacache_threshold, "gpu_memory_preservation_gb": s.gpu_memory_preservation,
+            "mp4_crf": s.mp4_crf, "resolution": s.resolution or None, "quality_mode": s.quality_mode,
+            "aggressive_gpu": s.aggressive_gpu, "keep_models_in_gpu": s.keep_models_in_gpu,
+            "chunk_size_multiplier": s.chunk_size_multiplier, "max_chunk_size": s.max_chunk_size,
+            "cpu_offload_threshold_gb": s.cpu_offload_threshold_gb, "mixed_precision": s.mixed_precision,
+            "batch_processing": s.batch_processing}
+
+
+# Names other tools use for the same setting (the seeds' config.yaml keys); resolved on read.
+CONFIG_ALIASES = {
+    "enable_torch_compile": "enable_compile",
+    "torch_compile_mode": "compile_mode",
+    "enable_cpu_offload": "use_memory_v2",
+    "low_vram": "use_memory_v2",
+}
+# Plain PyTorch variables the seeds tell users to set; read here so they are not silently ignored.
+TORCH_ENV = {
+    "PYTORCH_ENABLE_FLASH_SDP": "flash attention kernel of PyTorch SDPA (0 disables it)",
+    "PYTORCH_ENABLE_MEM_EFFICIENT_SDP": "memory-efficient kernel of PyTorch SDPA (0 disables it)",
+    "PYTORCH_CUDA_ALLOC_CONF": "CUDA caching allocator options, read by PyTorch itself",
+}
+
+
