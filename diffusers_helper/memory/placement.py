@@ -8,8 +8,12 @@ Policies:
   pinned RAM (block_stream); Llama, used once per job, is streamed block by block with diffusers group
   offloading. Both replace the original's per-parameter moves.
 - "swap-lowram": the same without a pinned copy of the weights, for machines short of RAM.
-The choice comes from free VRAM and RAM (memory.choose_policy) and steps down after an OOM: from "full"
+The choice comes from free VRAM and RAM (`policy.choose_policy`) and steps down after an OOM: from "full"
 to "swap", then to fewer resident blocks.
+
+Each model has a device. By default all share the compute device and the policy above moves them; a model
+given its own device (a second GPU for the VAE or the text encoders) is placed there once and never moved,
+so it takes no room on the compute GPU and a step-down never touches it while another thread uses it.
 """
 
 from __future__ import annotations
@@ -25,13 +29,47 @@ from .block_stream import BlockStreamer
 from ..accel.quant import has_quantized_weights
 from .policy import EVERYTHING_GB, choose_policy, cuda_free_bytes, get_cuda_free_memory_gb, get_free_ram_gb, model_bytes
 
+MODEL_ROLES = ("text_encoder", "text_encoder_2", "image_encoder", "transformer", "vae")
+
 log = logging.getLogger("framepack.placement")
 
 
 def pick_device(requested: str | None = None) -> torch.device:
     if requested:
-        return torch.device(requested)
+        return check_device(requested)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def check_device(name: str, what: str = "device") -> torch.device:
+    """A device that exists on this machine, or a ValueError that says which ones do."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"{what} {name!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"{what} {name!r}: this machine has no CUDA GPU; use cpu")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"{what} {name!r}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
+    elif device.type != "cpu":
+        raise ValueError(f"{what} {name!r} is not supported; use cpu, cuda or cuda:N")
+    return device
+
+
+def model_devices(compute: torch.device, requested: dict[str, str | None]) -> dict[str, torch.device]:
+    """The models given a device of their own (e.g. {"vae": "cuda:1"}); empty or equal entries share `compute`."""
+    devices = {}
+    for role, name in requested.items():
+        if role not in MODEL_ROLES or role == "transformer":  # the transformer's device is the compute device
+            raise ValueError(f"unknown model {role!r}; one of {', '.join(MODEL_ROLES)}")
+        if name:
+            device = check_device(name, f"{role} device")
+            if device != compute:
+                devices[role] = device
+    if "text_encoder" in devices and "text_encoder_2" not in devices:
+        devices["text_encoder_2"] = devices["text_encoder"]  # the two text encoders run together
+    return devices
 
 
 def _is_streamed(model) -> bool:
@@ -80,6 +118,21 @@ class Placement:
     probe: Callable[[], tuple[int, int]] | None = None
     resident_cap: int | None = None  # bytes of resident blocks allowed; halved by each out-of-memory error
     skip_blocks: Callable[[], bool] | None = None
+    devices: dict[str, torch.device] = field(default_factory=dict)  # models placed on a device of their own
+
+    def device_of(self, name: str) -> torch.device:
+        return self.devices.get(name, self.device)
+
+    def own_device(self, name: str) -> bool:
+        """Placed once on another device than the compute device, and never moved by this policy."""
+        return self.device_of(name) != self.device
+
+    def describe(self) -> str:
+        """One line for the log: where each model runs."""
+        groups: dict[str, list[str]] = {str(self.device): []}  # the compute device first
+        for role in MODEL_ROLES:
+            groups.setdefault(str(self.device_of(role)), []).append(role)
+        return "; ".join(f"{', '.join(roles)} on {device}" for device, roles in groups.items())
 
     def _free_used(self) -> tuple[int, int]:
         if self.probe is not None:
@@ -89,21 +142,27 @@ class Placement:
         return 1 << 62, 0
 
     @classmethod
-    def choose(cls, device: torch.device, override: str | None = None) -> "Placement":
+    def choose(cls, device: torch.device, override: str | None = None,
+               devices: dict[str, torch.device] | None = None) -> "Placement":
+        devices = dict(devices or {})
         if device.type != "cuda" and not override:
             log.info("Using full placement: computing on %s", device)
-            return cls(device, "full")
-        choice = choose_policy(get_cuda_free_memory_gb(device), get_free_ram_gb(), override=override,
-                               everything_gb=EVERYTHING_GB)
-        log.info("Using %s placement: %s", choice.policy, choice.reason)
-        return cls(device, choice.policy)
+            placement = cls(device, "full", devices=devices)
+        else:
+            choice = choose_policy(get_cuda_free_memory_gb(device), get_free_ram_gb(), override=override,
+                                   everything_gb=EVERYTHING_GB)
+            log.info("Using %s placement: %s", choice.policy, choice.reason)
+            placement = cls(device, choice.policy, devices=devices)
+        log.info("Model devices: %s", placement.describe())
+        return placement
 
     def degrade(self, bundle) -> str | None:
         """After an out-of-memory error: the next more frugal placement, applied now, described for the
         user; None if nothing is left to give up."""
         if self.policy == "full":
-            for model in bundle.models().values():
-                model.to("cpu")
+            for name, model in bundle.models().items():
+                if not self.own_device(name):  # a model on its own device may be in use by the decode thread
+                    model.to("cpu")
             self.policy = "swap"
             self.prepare(bundle, skip_blocks=self.skip_blocks)
             self.use(bundle, "transformer")
@@ -121,6 +180,10 @@ class Placement:
         skipped step moves no weights."""
         models = bundle.models()
         self.skip_blocks = skip_blocks
+        for name in self.devices:
+            if name in models:
+                models[name].to(self.devices[name])
+        models = {n: m for n, m in models.items() if not self.own_device(n)}
         if self.policy == "full":
             for model in models.values():
                 model.to(self.device)
@@ -161,7 +224,7 @@ class Placement:
         when the memory policy asks for room; returns the names moved off, for the log and tests."""
         if self.policy == "full":
             return []
-        models = bundle.models()
+        models = {n: m for n, m in bundle.models().items() if not self.own_device(n)}  # those never move
         streamer = streamer_of(models.get("transformer"))
         wanted = [n for n in names if n in models and not _streams(models[n])]
         needed = sum(model_bytes(models[n]) for n in wanted if not _on_device(models[n], self.device))

@@ -98,18 +98,18 @@ class Engine:
         self._lock = threading.Lock()  # one job at a time per set of models
 
     def _choose_background_decode(self, mode: str) -> bool:
-        """Decode section k while k+1 samples: on a second GPU if there is one, else on a side stream."""
+        """Decode section k while k+1 samples: on the VAE's own device when it has one (a second GPU), else on
+        a side stream of the compute GPU when every model stays resident."""
         if mode not in ("auto", "on", "off"):
             raise ValueError(f"async decode must be auto, on or off, got {mode!r}")
         device = self.placement.compute_device()
+        own = self.placement.own_device("vae")
         full = self.placement.policy == "full"
-        if mode == "off" or (mode == "auto" and not (device.type == "cuda" and full)):
+        if mode == "off" or (mode == "auto" and not (own or (device.type == "cuda" and full))):
             log.info("Decoding each section before sampling the next (async decode %s)", mode)
             return False
-        if device.type == "cuda" and full and torch.cuda.device_count() > 1:
-            other = torch.device("cuda", (device.index or 0) + 1)
-            self.bundle.vae.to(other)
-            log.info("Decoding on %s while %s samples the next section", other, device)
+        if own:
+            log.info("Decoding on %s while %s samples the next section", self.placement.device_of("vae"), device)
         else:
             log.info("Decoding each section on a worker thread while the next one samples (%s)",
                      "side CUDA stream" if device.type == "cuda" else "CPU")
@@ -131,8 +131,11 @@ class Engine:
             log.info("Aggressive mode: Larger chunks and higher memory utilization enabled")
         self._set_precision(request.mixed_precision)
 
-    def _recover_from_oom(self) -> str | None:
-        """Free what can be freed and move to a more frugal placement; None when there is none left."""
+    def _recover_from_oom(self, finisher: SectionFinisher) -> str | None:
+        """Free what can be freed and move to a more frugal placement; None when there is none left.
+
+        The decode thread finishes first, since the step-down moves models; once the VAE has to share the
+        compute GPU with a streamed transformer, sections are decoded in turn instead of in the background."""
         import gc
 
         gc.collect()
@@ -140,7 +143,13 @@ class Engine:
             torch.cuda.empty_cache()
         if self.dtype != self.model_dtype:
             return None  # float32 needs the transformer resident; a smaller policy cannot help
-        return self.placement.degrade(self.bundle)
+        finisher.wait()
+        change = self.placement.degrade(self.bundle)
+        if change is not None and self.background_decode and not self.placement.own_device("vae"):
+            finisher.stop_background()
+            self.background_decode = False
+            change += "; decoding each section before sampling the next"
+        return change
 
     def _set_precision(self, mixed: bool) -> None:
         """Mixed precision off computes the transformer in float32 (twice the memory, no rounding)."""
@@ -307,7 +316,7 @@ class Engine:
                                                  dtype=dtype, device=device, on_step=on_step, cancel=cancel)
                         break
                     except torch.cuda.OutOfMemoryError:
-                        change = self._recover_from_oom()
+                        change = self._recover_from_oom(finisher)
                         if change is None:
                             raise
                         msg = (f"Out of GPU memory in section {k + 1}/{sections}: {change}, "

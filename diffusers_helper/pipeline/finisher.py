@@ -70,8 +70,8 @@ class SectionFinisher:
             self._pending.remove(future)
             future.result()  # re-raises the worker's exception here, on the job's thread
 
-    def drain(self) -> None:
-        """Wait for every submitted section; the first worker error is raised."""
+    def wait(self) -> None:
+        """Wait until every submitted section is written (the worker is then idle); the first error is raised."""
         error = None
         for future in self._pending:
             try:
@@ -79,8 +79,22 @@ class SectionFinisher:
             except BaseException as exc:  # noqa: BLE001 - keep waiting for the rest, then raise
                 error = error or exc
         self._pending = []
+        if error is not None:
+            raise error
+
+    def stop_background(self) -> None:
+        """Finish the next sections on the caller's thread (after an out-of-memory step-down)."""
+        self.wait()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
-        if error is not None:
-            raise error
+        self.background = False
+
+    def drain(self) -> None:
+        """Wait for every submitted section and stop the worker; the first worker error is raised."""
+        try:
+            self.wait()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
