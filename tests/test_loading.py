@@ -61,7 +61,7 @@ def test_layout_matches_real_repos(tiny_root):
             assert part.repo == str(tiny_root / real.parts()[key].repo)
             assert part.subfolder == real.parts()[key].subfolder
             assert part.dtype in (None, torch.float32)
-        assert spec.is_tiny and spec.prompt_crop_start is None and spec.default_resolution == 64
+        assert spec.prompt_crop_start is None and spec.default_resolution == 64
     assert tiny_spec("tiny", tiny_root).mode == "inverted"
     assert tiny_spec("tiny-f1", tiny_root).mode == "f1"
 

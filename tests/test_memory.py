@@ -1,17 +1,14 @@
-"""Memory manager: policy choice, helpers, FP8 weight storage, out-of-memory recovery."""
+"""Memory manager: policy choice, FP8 weight storage, out-of-memory recovery."""
 
 import json
-import os
 
 import pytest
 import torch
 
-from diffusers_helper.memory import policy as memory
 from diffusers_helper.pipeline.engine import Engine
 from diffusers_helper.pipeline.events import Failed, Finished, Stage
 from diffusers_helper.models.loading import load_models
-from diffusers_helper.memory.policy import (ALLOC_CONF_LOW_VRAM, apply_alloc_preset, choose_policy, load_model_chunked,
-                                     model_bytes, store_weights_in_fp8)
+from diffusers_helper.memory.policy import choose_policy, model_bytes, store_weights_in_fp8
 from diffusers_helper.memory.placement import Placement
 from diffusers_helper.pipeline.request import GenerationRequest
 from diffusers_helper.models.tiny import tiny_spec
@@ -28,33 +25,6 @@ def test_policy_from_free_vram_and_ram(vram, ram, policy):
     choice = choose_policy(vram, ram)
     assert choice.policy == policy and choice.reason
     assert choose_policy(vram, ram, override="swap").policy == "swap"
-
-
-def test_alloc_preset_respects_the_user(monkeypatch):
-    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
-    assert apply_alloc_preset("low-vram") == ALLOC_CONF_LOW_VRAM == os.environ["PYTORCH_CUDA_ALLOC_CONF"]
-    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:False")
-    assert apply_alloc_preset("low-vram") == "expandable_segments:False"
-
-
-def test_chunked_loading_gives_identical_weights(tiny_root):
-    a = load_models(tiny_spec("tiny", tiny_root), parts=["transformer"]).transformer
-    b = load_models(tiny_spec("tiny", tiny_root), parts=["transformer"]).transformer
-    chunks = load_model_chunked(b, "cpu", max_chunk_size_mb=1)  # ~1 MB model: several chunks
-    assert chunks >= 1
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-    b.to(torch.float64)
-    load_model_chunked(b, "cpu", max_chunk_size_mb=1)
-    assert next(b.parameters()).dtype == torch.float64  # moving never casts
-
-
-def test_memory_preservation_helpers_on_cpu():
-    model = torch.nn.Linear(4, 4)
-    assert memory.move_model_to_device_with_memory_preservation(model, "cpu", preserved_memory_gb=6) is True
-    assert memory.offload_model_from_device_for_memory_preservation(model, "cpu", 6, aggressive=True) is True
-    if not torch.cuda.is_available():
-        assert memory.force_free_vram(10.0) == 0.0  # nothing to free without a GPU
 
 
 def test_fp8_storage_halves_weight_memory_and_still_runs(tiny_root, tmp_path, test_image):

@@ -6,7 +6,7 @@ is the same for both: only the repo ids (or local folders) differ.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -51,8 +51,6 @@ class ModelSpec:
     # None: derive from the tokenizer (needed for the tiny tokenizer, whose template length differs).
     prompt_crop_start: int | None = REAL_LLAMA_CROP_START
     default_resolution: int = 640
-    is_tiny: bool = False
-    extra: dict = field(default_factory=dict)
 
     def parts(self) -> dict[str, PartSpec]:
         return {

@@ -224,7 +224,6 @@ def tiny_spec(name: str, root: str | Path) -> ModelSpec:
         name=name,
         prompt_crop_start=None,
         default_resolution=64,
-        is_tiny=True,
         **{key: local(part) for key, part in real.parts().items()},
     )
 

@@ -30,13 +30,6 @@ class PromptEmbeds:
         return PromptEmbeds(torch.zeros_like(self.llama), self.llama_mask.clone(), torch.zeros_like(self.pooled))
 
 
-@dataclass
-class ImageConditioning:
-    image: np.ndarray  # uint8 HxWx3 after bucket resize/crop
-    start_latent: torch.Tensor  # (1, 16, 1, H/8, W/8) float32, scaled
-    image_embeds: torch.Tensor  # SigLIP last_hidden_state
-
-
 def crop_or_pad_with_mask(x: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     b, n, d = x.shape
     if n >= length:
