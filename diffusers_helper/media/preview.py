@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-# ComfyUI's HunyuanVideo previewer factors (REFERENCE.md), rows = latent channels, cols = RGB.
+# ComfyUI's HunyuanVideo latent-preview factors, rows = latent channels, cols = RGB.
 _WEIGHTS = (
     (-0.0395, -0.0331, 0.0445), (0.0696, 0.0795, 0.0518), (0.0135, -0.0945, -0.0282),
     (0.0108, -0.0250, -0.0765), (-0.0209, 0.0032, 0.0224), (-0.0804, -0.0254, -0.0639),

@@ -1,7 +1,7 @@
 """Full-size FramePack models with random weights, built in memory for benchmarks.
 
 The real weights are a 30 GB download; speed and memory do not depend on the values, so benchmarks
-build the real architectures (REFERENCE.md configs) straight on the GPU in their real dtypes. The
+build the real architectures (the published repos' configs) straight on the GPU in their real dtypes. The
 tokenizers come from the tiny preset (their vocabulary fits the full-size embeddings).
 """
 

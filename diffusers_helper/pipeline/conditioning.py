@@ -1,6 +1,6 @@
 """Turn a prompt and an image into the tensors the FramePack transformer is conditioned on.
 
-Exactly the original's recipe (REFERENCE.md "Prompt encoding", "Image input"): templated Llama prompt,
+Exactly the original's recipe: templated Llama prompt,
 hidden_states[-3] cropped to the prompt tokens and padded to 512 with a mask; CLIP-L pooler; the image
 fitted to a bucket, VAE-encoded as one frame and embedded by SigLIP.
 """

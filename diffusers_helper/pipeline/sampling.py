@@ -1,6 +1,6 @@
 """One section's denoising: noise, shifted sigmas, guidance, and the UniPC solve.
 
-Follows the original FramePack exactly (REFERENCE.md "Sampler"): float32 noise from a CPU generator,
+Follows the original FramePack sampler exactly: float32 noise from a CPU generator,
 flux time shift with mu from the sequence length, x0 = x - v * sigma computed from the model-dtype
 input, real CFG with optional std rescale, distilled guidance fed as gs * 1000.
 """

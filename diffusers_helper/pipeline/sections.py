@@ -1,6 +1,6 @@
 """FramePack's section schedules: which history frames condition each section and where results go.
 
-Two modes (REFERENCE.md "Section loop"):
+Two modes, as in the original section loop:
 - inverted anti-drifting (FramePackI2V_HY): sections are generated from the end of the video backwards;
   new latents are prepended to the history and the last section prepends the start latent.
 - f1 (forward "vanilla"): sections are generated in time order and appended to the history.
