@@ -1,0 +1,1 @@
+"""Where models live: how much memory there is, the placement policy, the block streamer."""
