@@ -22,7 +22,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from diffusers_helper.models.fullsize import build_transformer  # noqa: E402
-from diffusers_helper.accel.speed import SpeedOptions, compile_blocks, convert_weights, use_compile_cache  # noqa: E402
+from diffusers_helper.accel.compile import compile_blocks, use_compile_cache  # noqa: E402
+from diffusers_helper.accel.weights import apply_weight_format  # noqa: E402
+from diffusers_helper.config.formats import WeightFormat  # noqa: E402
 from diffusers_helper.pipeline.warmup import forward_fn, section_inputs  # noqa: E402
 
 CATEGORIES = [("attention", ("fmha", "flash", "attention", "sdpa", "cudnn_generated")),
@@ -78,7 +80,7 @@ def main() -> int:
         parts = name.split("+")
         torch.manual_seed(0)
         model = build_transformer(device)
-        convert_weights(model, SpeedOptions(fp8="fp8" in parts))
+        apply_weight_format(model, WeightFormat("fp8" if "fp8" in parts else "bf16"))
         if "compile" in parts or "compile-max" in parts:
             compile_blocks(model, "max-autotune-no-cudagraphs" if "compile-max" in parts else "default")
         cond, noise = section_inputs(model, 640, torch.bfloat16, device)

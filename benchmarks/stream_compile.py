@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from diffusers_helper.memory.block_stream import BlockStreamer  # noqa: E402
-from diffusers_helper.accel.speed import compile_blocks  # noqa: E402
+from diffusers_helper.accel.compile import compile_blocks  # noqa: E402
 from diffusers_helper.models.tiny import build_tiny_transformer  # noqa: E402
 from diffusers_helper.pipeline.warmup import forward_fn, section_inputs  # noqa: E402
 

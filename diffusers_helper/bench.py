@@ -27,7 +27,10 @@ from pathlib import Path
 import torch
 
 from .pipeline.sampling import Guidance, sample_section
-from .accel.speed import SpeedOptions, compile_blocks, convert_weights, set_attention_backend, use_compile_cache
+from .accel.attention import set_attention_backend
+from .accel.compile import compile_blocks, use_compile_cache
+from .accel.weights import apply_weight_format
+from .config.formats import WeightFormat
 from .pipeline.warmup import forward_fn as _forward_fn
 from .pipeline.warmup import section_inputs as _inputs
 
@@ -165,7 +168,7 @@ def main(argv=None) -> int:
             transformer, dtype, size = _transformer(device, weights)
             state = None
         if (state is None or state[0] != weights) and weights not in BNB_BITS:
-            convert_weights(transformer, SpeedOptions(fp8=weights == "fp8", quant_bits=WEIGHTS[weights]))
+            apply_weight_format(transformer, WeightFormat(weights if weights in ("fp8", "int8", "int4") else "bf16"))
         # "fp32": the exact computation (no TF32), to see how far bf16 itself is from it
         run_dtype = torch.float32 if weights == "fp32" else dtype
         if weights == "fp32":

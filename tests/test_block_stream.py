@@ -88,7 +88,7 @@ def test_teacache_skipped_steps_move_no_blocks(deep_bundle, tmp_path, encoded_fr
     _, engine, _ = _run(deep_bundle, placement, tmp_path, encoded_frames, test_image, use_teacache=True,
                         teacache_threshold=10.0, steps=8)
     streamer = streamer_of(deep_bundle.transformer)
-    stats = engine.teacache.stats
+    stats = engine.step_cache.stats
     assert streamer.resident_count == 0 and stats["skipped"] > 0
     total = streamer.total_bytes
     largest = max(b.nbytes for b in streamer.blocks)
@@ -133,7 +133,7 @@ def test_oom_under_swap_keeps_fewer_blocks_resident(deep_bundle, tmp_path, encod
 
 
 def test_fp8_weight_storage_streams_the_fp8_bytes(tiny_root, tmp_path, encoded_frames, test_image):
-    from diffusers_helper.memory.policy import store_weights_in_fp8
+    from diffusers_helper.accel.weights import store_weights_in_fp8
 
     frames = {}
     for policy in ("full", "swap"):

@@ -33,6 +33,7 @@ def test_quiet_baseline():
     ("preservation-exceeds-vram", quiet(gpu_memory_preservation=16), RTX3060, WARNING, None),
     ("several-quantizers", quiet(enable_fp8=True, use_bnb=True), dataclasses.replace(
         H100, packages=frozenset({"bitsandbytes"})), CRITICAL, None),
+    ("several-quantizers", quiet(enable_fp8=True, fp8_storage=True), H100, CRITICAL, None),
     ("bnb-needs-cuda", quiet(use_bnb=True, tiny=True), CPU, CRITICAL, None),
     ("slower-than-bf16", quiet(enable_fp8=True), H100, WARNING, None),
     ("compile-with-torchscript", quiet(enable_compile=True, jit_mode="trace"), H100, WARNING, None),

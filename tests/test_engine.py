@@ -73,13 +73,17 @@ def test_same_seed_same_video_and_other_seed_differs(tiny_bundles, tmp_path, tes
 
 
 def _cancel_at(engine, request, section: int, step: int) -> list:
-    """Run a job and press stop when it reports (section, step); returns every event."""
+    """Run a job and press stop when it reports (section, step); returns every event. The stop is pressed from
+    the event callback, on the job's thread, so the job cannot race past the step in the meantime."""
     cancel = CancelToken()
     events = []
-    for event in iter_events(engine, request, cancel):
+
+    def emit(event):
         events.append(event)
         if isinstance(event, StepProgress) and (event.section, event.step) == (section, step):
             cancel.cancel()
+
+    engine.generate(request, emit, cancel)
     return events
 
 
@@ -108,7 +112,7 @@ def test_teacache_skips_steps_and_threshold_zero_is_lossless(tiny_bundles, tmp_p
     assert lazy[0].cache_note == "TeaCache: 2/6 steps computed"  # first and last always compute
     assert np.array_equal(encoded_frames(base), encoded_frames(zero))
     # the hooks stay attached but pass through once the job is over
-    assert engine.teacache.config.enabled is False
+    assert engine.step_cache.enabled is False
 
 
 @pytest.mark.parametrize("kw, message", [

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from diffusers_helper import bench
-from diffusers_helper.accel.speed import (SpeedOptions, apply_speed, choose_attention_backend, compile_blocks,
-                                    set_attention_backend)
+from diffusers_helper.accel.attention import AttentionConfig, choose_attention_backend, set_attention_backend
 
 
 def test_backend_choice():
@@ -54,13 +53,37 @@ def test_bench_command_on_cpu_with_compile(tmp_path):
     assert (tmp_path / "torch_compile").is_dir()  # Inductor caches go to the project cache
 
 
-def test_apply_speed_reports_what_is_active(tiny_root):
+def test_prepare_reports_each_step_in_the_declared_order(tiny_root, tmp_path, test_image):
+    from diffusers_helper.accel.compile import CompileConfig
+    from diffusers_helper.config.formats import WeightFormat
+    from diffusers_helper.memory.placement import Placement
     from diffusers_helper.models.loading import load_models
     from diffusers_helper.models.tiny import tiny_spec
+    from diffusers_helper.pipeline.engine import Engine
+    from diffusers_helper.pipeline.prepare import TransformerPlan
+    from diffusers_helper.pipeline.request import GenerationRequest
 
-    t = load_models(tiny_spec("tiny", tiny_root), parts=["transformer"]).transformer
-    active = apply_speed(t, SpeedOptions(attention="math"))
-    assert active == {"attention": "math", "compiled_blocks": 0}
+    bundle = load_models(tiny_spec("tiny", tiny_root))
+    plan = TransformerPlan(weights=WeightFormat("fp8"), compile=CompileConfig(enabled=True, cache_dir=str(tmp_path)),
+                           attention=AttentionConfig(backend="math"))
+    engine = Engine(bundle, Placement(torch.device("cpu"), "full"), outputs_dir=tmp_path, plan=plan)
+    report = engine.report
+    assert [s.step for s in report.steps] == ["weights", "step_cache", "placement", "compile", "attention"]
+    fp8 = report["weights"].details["fp8_linears"]
+    assert fp8 > 0 and report["compile"].details["compiled_blocks"] == 2 and report["attention"].summary == "math"
+    assert report.to_record()["step_cache"].startswith("TeaCache") and engine.step_cache is report.step_cache
+    compiled_forward = bundle.transformer.transformer_blocks[0].forward
+    again = Engine(bundle, Placement(torch.device("cpu"), "full"), outputs_dir=tmp_path, plan=plan).report
+    assert again["weights"].details == {} and again["compile"].summary == "already compiled"  # nothing twice
+    assert bundle.transformer.transformer_blocks[0].forward == compiled_forward
+    assert sum(1 for m in bundle.transformer.modules() if type(m).__name__ == "FP8Linear") == fp8
+    assert again.step_cache is report.step_cache  # one set of hooks
+    final = engine.generate(GenerationRequest(prompt="x", image=test_image, seconds=1, steps=1, use_teacache=False),
+                            lambda e: None)
+    import json
+
+    assert json.loads(final.sidecar_path.read_text())["transformer"] == report.to_record()
+    set_attention_backend(bundle.transformer, "native")
 
 
 def test_fp8_linear_close_to_the_original():
@@ -95,12 +118,12 @@ def test_fp8_conversion_scope_and_fidelity(tiny_root):
     assert convert_to_fp8(t2, target_keys=("attn",)) < n  # target keys narrow the set
 
 
-def _provider(out, cache, **speed):
+def _provider(out, cache, kind="fp8", **fp8):
     from diffusers_helper.app.service import EngineProvider
-    from diffusers_helper.accel.speed import SpeedOptions
+    from diffusers_helper.config.formats import WeightFormat
+    from diffusers_helper.pipeline.prepare import TransformerPlan
 
-    speed.setdefault("fp8", not speed.get("quant_bits"))
-    return EngineProvider(outputs_dir=out, speed=SpeedOptions(**speed), opt_cache=str(cache))
+    return EngineProvider(outputs_dir=out, plan=TransformerPlan(weights=WeightFormat(kind, **fp8)), opt_cache=str(cache))
 
 
 def _assert_reload_close(first, second, unconverted_provider, image, sampled_latents) -> None:
@@ -137,7 +160,7 @@ def test_optimized_transformer_cache_saves_then_loads(tiny_root, tmp_path, test_
     assert "Loaded optimized transformer weights from" in caplog.text
     assert any(isinstance(m, FP8Linear) for m in second.bundle.transformer.modules())
     assert same_weights(first.bundle.transformer, second.bundle.transformer)  # the cached FP8 weights, bit for bit
-    _assert_reload_close(first, second, _provider(tmp_path / "r", cache, fp8=False), test_image, sampled_latents)
+    _assert_reload_close(first, second, _provider(tmp_path / "r", cache, "bf16"), test_image, sampled_latents)
     # other options: another file; a broken file: rebuilt, not fatal
     _provider(tmp_path / "c", cache, fp8_exclude_keys=("norm", "ff")).get("tiny")
     assert len(list(cache.glob("tiny-fp8-*.safetensors"))) == 2
@@ -153,17 +176,17 @@ def test_optimized_cache_keeps_torchao_weights(bits, tiny_root, tmp_path, test_i
     """torchao's tensor subclasses go through torch.save and come back with weights_only=True."""
     monkeypatch.setenv("FRAMEPACK_CACHE_DIR", str(tiny_root.parent))
     cache = tmp_path / "optimized_models"
-    first = _provider(tmp_path / "a", cache, quant_bits=bits).get("tiny")
+    first = _provider(tmp_path / "a", cache, f"int{bits}").get("tiny")
     files = list(cache.glob(f"tiny-int{bits}-*.pt"))
     assert len(files) == 1
     caplog.clear()
     with caplog.at_level("INFO"):
-        second = _provider(tmp_path / "b", cache, quant_bits=bits).get("tiny")
+        second = _provider(tmp_path / "b", cache, f"int{bits}").get("tiny")
     assert "Loaded optimized transformer weights from" in caplog.text
     weight = second.bundle.transformer.transformer_blocks[0].ff.net[2].weight
-    assert type(weight).__module__.startswith("torchao") and second.speed["int_linears"] == 0  # not quantized again
+    assert type(weight).__module__.startswith("torchao") and second.report["weights"].details == {}  # not quantized again
     assert same_weights(first.bundle.transformer, second.bundle.transformer)  # the cached INT weights, bit for bit
-    _assert_reload_close(first, second, _provider(tmp_path / "r", cache, fp8=False), test_image, sampled_latents)
+    _assert_reload_close(first, second, _provider(tmp_path / "r", cache, "bf16"), test_image, sampled_latents)
     other = 4 if bits == 8 else 8  # the other width is another file, never this one
-    _provider(tmp_path / "c", cache, quant_bits=other).get("tiny")
+    _provider(tmp_path / "c", cache, f"int{other}").get("tiny")
     assert len(list(cache.glob(f"tiny-int{other}-*.pt"))) == 1

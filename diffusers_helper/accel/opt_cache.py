@@ -22,7 +22,6 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .fp8 import convert_to_fp8
-from ..config import TORCHAO_BITS
 
 log = logging.getLogger("framepack.opt_cache")
 FORMAT = 1
@@ -99,9 +98,5 @@ def load_optimized(cls, path: str | Path, key: str, dtype: torch.dtype, fmt: str
         log.warning("Optimized transformer cache %s unreadable (%s); rebuilding it", path, exc.__class__.__name__)
         return None
     model.eval().requires_grad_(False)
-    if fmt == "fp8":
-        model._framepack_fp8 = True
-    else:
-        model._framepack_quant = TORCHAO_BITS[fmt]
     log.info("Loaded optimized transformer weights from %s", path)
     return model

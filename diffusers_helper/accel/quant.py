@@ -12,24 +12,11 @@ linears ("norm" in their names), the embedders and the output projection stay in
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-
 import torch
 
 log = logging.getLogger("framepack.quant")
 
 EXCLUDE = ("norm",)  # modulation linears: small, and every token's scale and shift depend on them
-
-
-@dataclass(frozen=True)
-class QuantOptions:
-    """bitsandbytes at load time; torchao and FP8 are SpeedOptions, and settings.weight_format picks one."""
-    bnb_bits: int = 8  # 8 or 4: FRAMEPACK_USE_BNB with FRAMEPACK_BNB_LOAD_IN_4BIT
-    bnb_double_quant: bool = False
-
-    def __post_init__(self):
-        if self.bnb_bits not in (4, 8):
-            raise ValueError(f"bnb_bits must be 4 or 8, got {self.bnb_bits}")
 
 
 def _block_linear(module: torch.nn.Module, name: str) -> bool:

@@ -122,8 +122,9 @@ def _several_quantizers(s, info):
     if len(chosen) > 1:
         names = [WEIGHT_FORMAT_NAMES[f] for f in chosen]
         return Finding(CRITICAL, "several-quantizers", f"more than one quantization method is on ({', '.join(names)})"
-                       f"; a linear layer can only be replaced by one of them, so {names[0]} is used and the rest "
-                       "ignored.", "keep one of FRAMEPACK_ENABLE_FP8, FRAMEPACK_ENABLE_QUANT, FRAMEPACK_USE_BNB")
+                       f"; a weight can be stored one way only, so {names[0]} is used and the rest ignored.",
+                       "keep one of FRAMEPACK_ENABLE_FP8, FRAMEPACK_ENABLE_QUANT, FRAMEPACK_USE_BNB, "
+                       "FRAMEPACK_FP8_STORAGE")
 
 
 @rule("slower-than-bf16")

@@ -15,7 +15,8 @@ import torch
 
 from ..pipeline.engine import Engine
 from ..models.loading import PART_NAMES, ModelBundle, load_models, resolve_spec
-from ..memory.placement import Placement, pick_device
+from ..memory.placement import Placement, model_devices, pick_device
+from ..pipeline.prepare import TransformerPlan, mark_applied
 
 log = logging.getLogger("framepack.service")
 
@@ -23,19 +24,18 @@ log = logging.getLogger("framepack.service")
 class EngineProvider:
     def __init__(self, *, models_dir: str | None = None, offline: bool | None = None, device: str | None = None,
                  outputs_dir: str | Path = "outputs", placement: str | None = None, decode_options=None,
-                 async_decode: str = "auto", speed=None, fp8_storage: bool = False,
-                 opt_cache: str | None = None, bnb=None):
+                 async_decode: str = "auto", plan: TransformerPlan | None = None, opt_cache: str | None = None,
+                 devices: dict[str, str | None] | None = None):
         self.models_dir = models_dir
         self.offline = offline
         self.device = pick_device(device)
+        self.devices = model_devices(self.device, devices or {})  # models placed on a device of their own
         self.outputs_dir = Path(outputs_dir).resolve()  # absolute: API users get usable paths
         self.placement_override = placement
         self.decode_options = decode_options
         self.async_decode = async_decode
-        self.speed = speed
-        self.fp8_storage = fp8_storage
+        self.plan = plan or TransformerPlan()
         self.opt_cache = opt_cache  # where FP8 / torchao transformers are cached, or None
-        self.bnb = bnb  # quant.QuantOptions with bnb_bits, or None
         self._engine: Engine | None = None
         self._lock = threading.Lock()
 
@@ -63,65 +63,56 @@ class EngineProvider:
             if cached_path is not None:
                 transformer = self._load_cached(cached_path, spec)
                 if transformer is not None:
+                    mark_applied(transformer, "weights", self.plan.weights)  # converted already: not again
                     keep["transformer"] = transformer
             missing = [n for n in PART_NAMES if n not in keep]
             fresh = load_models(spec, offline=self.offline, parts=missing, progress=progress,
                                 transformer_kwargs=self._transformer_kwargs(spec))
             bundle = ModelBundle(spec=spec, **keep, **{n: getattr(fresh, n) for n in missing})
-            placement = Placement.choose(self.device, self.placement_override)
+            placement = Placement.choose(self.device, self.placement_override, self.devices)
             self._engine = Engine(bundle, placement, outputs_dir=self.outputs_dir,
                                   decode_options=self.decode_options, async_decode=self.async_decode,
-                                  speed=self.speed, fp8_storage=self.fp8_storage)
+                                  plan=self.plan)
             if cached_path is not None and "transformer" in missing:
                 from ..accel.opt_cache import save_optimized
 
-                save_optimized(bundle.transformer, cached_path, self._opt_key(spec), self._opt_format())
-            if self.speed is not None and self.speed.warmup:
+                save_optimized(bundle.transformer, cached_path, self._opt_key(spec), self.plan.weights.kind)
+            if self.plan.compile.warmup:
                 if progress is not None:
                     progress("Compiling the transformer (warm-up)")
                 self._engine.warm_up()
             return self._engine
 
     def _transformer_kwargs(self, spec) -> dict | None:
-        if self.bnb is None or not self.bnb.bnb_bits:
+        bits = self.plan.weights.bnb_bits
+        if not bits:
             return None
         from ..accel.quant import bnb_config, check_bnb_usable
 
         check_bnb_usable()
-        log.info("Loading the transformer with bitsandbytes %d-bit weights", self.bnb.bnb_bits)
-        return {"quantization_config": bnb_config(self.bnb.bnb_bits, self.bnb.bnb_double_quant,
+        log.info("Loading the transformer with bitsandbytes %d-bit weights", bits)
+        return {"quantization_config": bnb_config(bits, self.plan.weights.bnb_double_quant,
                                                   spec.transformer.dtype or torch.bfloat16)}
-
-    def _opt_format(self) -> str | None:
-        """The converted format worth caching: FP8 or torchao integers (bitsandbytes quantizes while loading)."""
-        s = self.speed
-        if s is None:
-            return None
-        return "fp8" if s.fp8 else f"int{s.quant_bits}" if s.quant_bits else None
-
-    def _fp8_options(self) -> dict:
-        s = self.speed
-        return {"target_keys": s.fp8_target_keys, "exclude_keys": s.fp8_exclude_keys,
-                "use_scaled_mm": s.fp8_use_scaled_mm}
 
     def _opt_key(self, spec) -> str:
         from ..accel.opt_cache import cache_key
 
-        fmt = self._opt_format()
-        return cache_key(spec.transformer.repo, spec.transformer.dtype, fmt,
-                         self._fp8_options() if fmt == "fp8" else {})
+        fmt = self.plan.weights
+        return cache_key(spec.transformer.repo, spec.transformer.dtype, fmt.kind, fmt.cache_options())
 
     def _opt_cache_path(self, spec):
-        if not self.opt_cache or self._opt_format() is None:
+        """Only formats converted after loading are worth saving (bitsandbytes quantizes while loading)."""
+        if not self.opt_cache or not self.plan.weights.converted_after_loading:
             return None
         from ..accel.opt_cache import cache_path
 
-        return cache_path(self.opt_cache, spec.name, self._opt_format(), self._opt_key(spec))
+        return cache_path(self.opt_cache, spec.name, self.plan.weights.kind, self._opt_key(spec))
 
     def _load_cached(self, path, spec):
         from diffusers import HunyuanVideoFramepackTransformer3DModel
 
         from ..accel.opt_cache import load_optimized
 
+        fmt = self.plan.weights
         return load_optimized(HunyuanVideoFramepackTransformer3DModel, path, self._opt_key(spec),
-                              spec.transformer.dtype, self._opt_format(), self._fp8_options())
+                              spec.transformer.dtype, fmt.kind, fmt.cache_options())

@@ -11,8 +11,8 @@ import sys
 from typing import Mapping
 
 from .compat import SystemInfo, check, report
-from ..config import (TORCHAO_BITS, LoadedSettings, Settings, SettingsError, load_settings, torch_sdp_flag,
-                       weight_format)
+from ..config import LoadedSettings, Settings, SettingsError, load_settings, torch_sdp_flag, weight_format
+from .logs import configure_logging, enabled_libraries
 
 log = logging.getLogger("framepack.startup")
 
@@ -66,28 +66,24 @@ def decode_options(settings: Settings):
                          trt_max_cached_shapes=settings.trt_max_cached_shapes)
 
 
-def speed_options(settings: Settings):
-    from ..accel.speed import SpeedOptions
+def transformer_plan(settings: Settings):
+    """What prepare_transformer does to the transformer: weight format, step cache, compile, attention."""
+    from ..accel.attention import AttentionConfig
+    from ..accel.compile import CompileConfig
+    from ..config.formats import WeightFormat
+    from ..pipeline.prepare import TransformerPlan
 
-    fmt = weight_format(settings)
-    return SpeedOptions(attention=settings.attention_backend, xformers_mode=settings.xformers_mode,
-                        compile=settings.enable_compile, warmup=not settings.fast_start,
-                        module_cache=settings.enable_module_cache,
-                        compile_mode=settings.compile_mode, cache_dir=settings.cache_dir, fp8=fmt == "fp8",
-                        fp8_target_keys=tuple(settings.fp8_target_keys),
-                        fp8_exclude_keys=tuple(settings.fp8_exclude_keys),
-                        fp8_use_scaled_mm=settings.fp8_use_scaled_mm,
-                        quant_bits=TORCHAO_BITS.get(fmt))
+    s = settings
+    return TransformerPlan(weights=WeightFormat.from_settings(s), step_cache="teacache",
+                           compile=CompileConfig(enabled=s.enable_compile, mode=s.compile_mode, cache_dir=s.cache_dir,
+                                                 module_cache=s.enable_module_cache, warmup=not s.fast_start),
+                           attention=AttentionConfig(backend=s.attention_backend, xformers_mode=s.xformers_mode))
 
 
-def quant_options(settings: Settings):
-    """bitsandbytes, applied while loading (FP8 and torchao are SpeedOptions conversions after loading)."""
-    from ..accel.quant import QuantOptions
-
-    fmt = weight_format(settings)
-    if fmt not in ("bnb8", "nf4"):
-        return None
-    return QuantOptions(bnb_bits=4 if fmt == "nf4" else 8, bnb_double_quant=settings.bnb_double_quant)
+def model_device_settings(settings: Settings) -> dict[str, str]:
+    """The models the settings give a device of their own (a second GPU), by role."""
+    s = settings
+    return {"vae": s.vae_device, "text_encoder": s.text_encoder_device, "image_encoder": s.image_encoder_device}
 
 
 def engine_provider(settings: Settings, **overrides):
@@ -97,9 +93,9 @@ def engine_provider(settings: Settings, **overrides):
     s = settings
     kwargs = dict(models_dir=s.models_dir or None, offline=True if (s.offline or s.tiny) else None,
                   device=device_arg(s), outputs_dir=s.output_dir, placement=placement_override(s),
-                  decode_options=decode_options(s), async_decode=s.async_decode, speed=speed_options(s),
-                  fp8_storage=s.fp8_storage, bnb=quant_options(s),
-                  opt_cache=s.optimized_transformer if s.enable_opt_cache and not s.fast_start else None)
+                  decode_options=decode_options(s), async_decode=s.async_decode, plan=transformer_plan(s),
+                  opt_cache=s.optimized_transformer if s.enable_opt_cache and not s.fast_start else None,
+                  devices=model_device_settings(s))
     kwargs.update(overrides)
     return EngineProvider(**kwargs)
 

@@ -16,6 +16,8 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 
+from .base import StepCache
+
 RESCALE = np.poly1d([7.33226126e02, -4.01131952e02, 6.75869174e01, -3.14987800e00, 9.61237896e-02])
 _HEAD, _SKIP, _TAIL = "teacache_head", "teacache_skip", "teacache_tail"
 
@@ -107,16 +109,18 @@ class _TailHook(_StepHook):
         return out_hidden, out_encoder
 
 
-class TeaCache:
+class TeaCache(StepCache):
     """Attach once to a FramePack transformer, then `configure` per job and `reset` per section.
 
     Attach before any offloading hooks, so offloading stays the outer hook and the blocks' weights are
     on the GPU when the head hook reads the first block's norm; disabled, the hooks only pass through.
     """
 
+    name = "TeaCache"
+
     def __init__(self, transformer):
+        super().__init__()
         self.config = TeaCacheConfig()
-        self.stats = {"computed": 0, "skipped": 0}
         self._states = StateManager(_State)
         blocks = list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
         if len(blocks) < 2:
@@ -134,6 +138,10 @@ class TeaCache:
             self._registries.append((registry, name))
         self._root = HookRegistry.check_if_exists_or_initialize(transformer)
         self._root.invalidate_child_registries_cache()  # so cache_context() reaches the new hooks
+
+    @property
+    def enabled(self) -> bool:
+        return self.config.enabled
 
     def skipping(self) -> bool:
         """Inside a forward: whether this step reuses the cached residual instead of running the blocks."""
@@ -154,14 +162,3 @@ class TeaCache:
             registry.remove_hook(name, recurse=False)
         self._registries = []
         self._root.invalidate_child_registries_cache()
-        if getattr(self._root._module_ref, "_framepack_teacache", None) is self:
-            del self._root._module_ref._framepack_teacache
-
-
-def attach_teacache(transformer) -> TeaCache:
-    """The transformer's TeaCache, attached on first use (hooks are registered once per model)."""
-    existing = getattr(transformer, "_framepack_teacache", None)
-    if existing is None:
-        existing = TeaCache(transformer)
-        transformer._framepack_teacache = existing
-    return existing

@@ -110,6 +110,15 @@ class Settings:
                                          "swap models to the CPU only when VRAM in use would exceed this (GB)",
                                          min=0.0,
                                          max=128.0, group="memory")
+    vae_device: str = _s("", "FRAMEPACK_VAE_DEVICE", ["--vae-device"],
+                         "a device of its own for the VAE, e.g. cuda:1 (empty: the compute device); it then decodes "
+                         "each section while the next one samples", group="memory")
+    text_encoder_device: str = _s("", "FRAMEPACK_TEXT_ENCODER_DEVICE", ["--text-encoder-device"],
+                                  "a device of its own for the two text encoders, e.g. cuda:1 (empty: the compute "
+                                  "device); frees about 16 GB on the compute GPU", group="memory")
+    image_encoder_device: str = _s("", "FRAMEPACK_IMAGE_ENCODER_DEVICE", ["--image-encoder-device"],
+                                   "a device of its own for the SigLIP image encoder (empty: the compute device)",
+                                   group="memory")
     fp8_storage: bool = _s(False, "FRAMEPACK_FP8_STORAGE", ["--fp8-storage"],
                            "store transformer weights in FP8 and compute in bf16 (half the weight memory)",
                            group="memory")
@@ -234,8 +243,8 @@ class Settings:
 
     # -- VAE decode ---------------------------------------------------------------------------------------------
     async_decode: str = _s("auto", "FRAMEPACK_ASYNC_DECODE", ["--async-decode"],
-                           "decode a section while the next one samples (auto: on a GPU with every model "
-                           "resident; a second GPU is used when present)", choices=("auto", "on", "off"),
+                           "decode a section while the next one samples (auto: when the VAE has a device of its "
+                           "own, or on a GPU with every model resident)", choices=("auto", "on", "off"),
                            group="vae")
     vae_backend: str = _s("exact", "FRAMEPACK_VAE_BACKEND", ["--vae-backend"],
                           "exact: layer-wise, equal to the stock decode in less memory; stock: vae.decode; "

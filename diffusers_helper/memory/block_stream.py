@@ -8,7 +8,7 @@ the GPU idles while Python catches up. Here:
 - each streamed block is one contiguous pinned buffer, copied with one memcpy into a ring of
   preallocated GPU slots, `lookahead` blocks ahead, wrapping into the next forward;
 - copies and compute are ordered by CUDA events only: the CPU never waits for the GPU;
-- a step that TeaCache skips does not move any weights (the `skip` predicate).
+- a step the step cache skips does not move any weights (the `skip` predicate).
 """
 
 from __future__ import annotations
@@ -319,7 +319,7 @@ class BlockStreamer:
         if not self.active:
             raise RuntimeError("the transformer's blocks are not placed: call activate() before running it")
         if self.skip is not None and block is not self.blocks[0] and self.skip():
-            return  # TeaCache reuses the cached residual: this block's weights are not read
+            return  # the step cache reuses cached output: this block's weights are not read
         self._unbind_current()
         if block.slot is None:
             self._load(block)

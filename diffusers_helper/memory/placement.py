@@ -176,7 +176,7 @@ class Placement:
         return f"kept {streamer.resident_count} transformer blocks on the GPU instead of {before}"
 
     def prepare(self, bundle, skip_blocks: Callable[[], bool] | None = None) -> None:
-        """One-time set-up after loading. `skip_blocks` says when TeaCache skips the blocks, so a
+        """One-time set-up after loading. `skip_blocks` says when the step cache skips the blocks, so a
         skipped step moves no weights."""
         models = bundle.models()
         self.skip_blocks = skip_blocks

@@ -53,17 +53,6 @@ def model_bytes(model) -> int:
         sum(b.numel() * b.element_size() for b in model.buffers())
 
 
-def store_weights_in_fp8(model, compute_dtype: torch.dtype) -> int:
-    """Keep weights as float8_e4m3fn and upcast each layer just before it runs (diffusers' layerwise
-    casting): half the bf16 weight memory in RAM and VRAM, at some precision. Returns bytes saved."""
-    before = model_bytes(model)
-    model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype)
-    saved = before - model_bytes(model)
-    log.info("Transformer weights stored in FP8, computed in %s: %.2f GB saved",
-             str(compute_dtype).removeprefix("torch."), saved / GB)
-    return saved
-
-
 @dataclass(frozen=True)
 class PolicyChoice:
     policy: str  # "full", "swap" (streamed, pinned RAM) or "swap-lowram" (streamed, unpinned)

@@ -27,14 +27,12 @@ from ..vae.decode import SectionDecoder, VideoAccumulator
 from .finisher import SectionFinisher
 from .events import (TERMINAL, Cancelled, Event, Failed, Finished, SectionFinished, Stage,
                      StepProgress)
-from ..memory.policy import store_weights_in_fp8
 from ..memory.placement import MemoryPolicy, Placement
 from ..media.preview import latent_preview
 from .request import GenerationRequest, InputError
 from .sampling import CancelToken, Guidance, JobCancelled, StepInfo, draw_noise, sample_section
 from .sections import SectionSchedule, frame_count, section_count
-from ..accel.speed import SpeedOptions, apply_speed, convert_weights
-from ..caches.teacache import attach_teacache
+from .prepare import TransformerPlan, prepare_transformer
 from ..vae.plan import DecodeOptions
 from ..media.video import write_json, write_mp4, write_png
 
@@ -77,18 +75,13 @@ class _JobFiles:
 class Engine:
     def __init__(self, bundle, placement: Placement | None = None, outputs_dir: str | Path = "outputs",
                  decode_options: DecodeOptions | None = None, async_decode: str = "auto",
-                 speed: SpeedOptions | None = None, fp8_storage: bool = False):
+                 plan: TransformerPlan | None = None):
         self.bundle = bundle
         self.spec = bundle.spec
         self.placement = placement or Placement.choose(torch.device("cpu"))
-        if fp8_storage and not getattr(bundle.transformer, "_framepack_fp8_storage", False):
-            store_weights_in_fp8(bundle.transformer, bundle.transformer.dtype)
-            bundle.transformer._framepack_fp8_storage = True
-        speed = speed or SpeedOptions()
-        converted = convert_weights(bundle.transformer, speed)  # before placement lays the weights out
-        self.teacache = attach_teacache(bundle.transformer)  # before placement: offload hooks must wrap it
-        self.placement.prepare(bundle, skip_blocks=self.teacache.skipping)
-        self.speed = {**apply_speed(bundle.transformer, speed), **converted}
+        self.plan = plan or TransformerPlan()
+        self.report = prepare_transformer(bundle, self.plan, self.placement)
+        self.step_cache = self.report.step_cache
         self.decoder = SectionDecoder(bundle.vae, decode_options)
         self.base_decode_options = self.decoder.options
         self.model_dtype = bundle.transformer.dtype
@@ -166,7 +159,7 @@ class Engine:
     def warm_up(self, size: int = 640, window: int = 9) -> float | None:
         """Compile the transformer's kernels now, at this bucket, instead of in the first job; None when
         there is nothing to compile."""
-        if not self.speed.get("compiled_blocks"):
+        if not self.report["compile"].details.get("compiled_blocks"):
             return None
         from .warmup import warm_up
 
@@ -237,6 +230,7 @@ class Engine:
                           "settings": request.to_record(), "sections": sections,
                           "expected_frames": frame_count(sections, request.latent_window_size), "fps": 30,
                           "input_image": str(files.image), "versions": versions(), "status": "running",
+                          "transformer": self.report.to_record(),
                           "started": datetime.now().isoformat(timespec="seconds")}
                 write_json(record, files.sidecar)
                 with torch.inference_mode():
@@ -287,10 +281,10 @@ class Engine:
         schedule = SectionSchedule(self.spec.mode, start_latent, sections, window)
         video = VideoAccumulator(self.spec.mode, schedule.overlap_frames)
         generator = torch.Generator("cpu").manual_seed(request.seed)
-        teacache = self.teacache
-        teacache.configure(request.use_teacache, request.teacache_threshold)
-        if request.use_teacache:
-            log.info("TeaCache on (threshold %.3g)", request.teacache_threshold)
+        cache = self.step_cache
+        cache.configure(request.use_teacache, request.teacache_threshold)
+        if cache.enabled:
+            log.info("%s on (threshold %.3g)", cache.name, request.teacache_threshold)
         finisher = SectionFinisher(
             decode=lambda latents: self.decoder.decode(latents, quality=request.quality_mode), video=video,
             write=lambda frames: files.write_video(frames, request.mp4_crf), emit=emit,
@@ -300,7 +294,7 @@ class Engine:
             for k in range(sections):
                 emit(Stage(f"Sampling section {k + 1}/{sections}"))
                 self.placement.use(b, "transformer")
-                teacache.reset(request.steps)
+                cache.reset(request.steps)
                 noise = draw_noise(generator, 1, window, height // 8, width // 8)
                 section_kwargs = schedule.inputs(k).to_kwargs(device, dtype)
 
@@ -324,11 +318,10 @@ class Engine:
                         log.warning(msg)
                         record.setdefault("oom_recoveries", []).append(msg)
                         emit(Stage(msg))
-                        teacache.reset(request.steps)  # the same noise: the retry gives the same section
+                        cache.reset(request.steps)  # the same noise: the retry gives the same section
                 schedule.add(k, latents)
-                note = ""
-                if request.use_teacache:
-                    note = f"TeaCache: {teacache.stats['computed']}/{request.steps} steps computed"
+                note = cache.note(request.steps)
+                if note:
                     log.info("Section %d/%d: %s", k + 1, sections, note)
                 if not self.background_decode:
                     emit(Stage(f"Decoding section {k + 1}/{sections}"))
@@ -343,7 +336,7 @@ class Engine:
                 log.exception("Finishing the sampled sections failed")
             raise
         finally:
-            teacache.configure(False)
+            cache.configure(False)
         if self.decoder.last_plan is not None:
             record["decode"] = self.decoder.last_plan.reason
         record["decode_busy_s"] = round(finisher.busy_s, 3)

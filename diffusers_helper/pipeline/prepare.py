@@ -1,0 +1,139 @@
+"""`prepare_transformer`: every change made to the loaded transformer, as named steps in one declared order.
+
+    weights -> step cache -> placement -> compile -> attention
+
+- weights first: placement lays out (and the block streamer copies) the weights as they will run;
+- the step cache before placement: offloading hooks must wrap the cache's hooks, so a block's weights are on
+  the GPU when the cache reads it, and the streamer must know which steps skip the blocks;
+- compile after placement: it traces the blocks with their hooks in place;
+- the attention backend last: it only sets the processors' kernel, which compiled graphs read at run time.
+
+What each step applied is recorded on the model (one attribute), so preparing a model again (a second engine
+on the same models, a job after a model switch) does not convert or compile twice; the returned report goes
+to the log and into every job's sidecar.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from ..accel.attention import AttentionConfig, apply_attention
+from ..accel.compile import CompileConfig, apply_compile
+from ..accel.weights import apply_weight_format
+from ..caches.base import StepCache, attach_step_cache
+from ..config.formats import WeightFormat
+from ..memory.placement import Placement
+
+log = logging.getLogger("framepack.prepare")
+
+APPLIED = "_framepack_applied"  # the one record on the model: step name -> the config it was applied with
+
+
+@dataclass(frozen=True)
+class TransformerPlan:
+    """What to do to the transformer, one config per step."""
+
+    weights: WeightFormat = field(default_factory=WeightFormat)
+    step_cache: str = "teacache"  # a name in caches.base.STEP_CACHES
+    compile: CompileConfig = field(default_factory=CompileConfig)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+
+
+@dataclass(frozen=True)
+class StepReport:
+    step: str
+    summary: str  # one line for the log and the sidecar
+    details: dict = field(default_factory=dict)
+
+
+@dataclass
+class PrepareReport:
+    steps: list[StepReport] = field(default_factory=list)
+    step_cache: StepCache | None = None
+
+    def __getitem__(self, step: str) -> StepReport:
+        return next(s for s in self.steps if s.step == step)
+
+    def to_record(self) -> dict:
+        return {s.step: s.summary for s in self.steps}
+
+
+def applied(model) -> dict:
+    """Step name -> config for the steps already applied to this model."""
+    record = getattr(model, APPLIED, None)
+    if record is None:
+        record = {}
+        setattr(model, APPLIED, record)
+    return record
+
+
+def mark_applied(model, step: str, config) -> None:
+    """For code that builds a model already in a step's state (the optimized-model cache)."""
+    applied(model)[step] = config
+
+
+def _once(model, step: str, config, apply):
+    """Apply a step unless it already was with this config; another config on a converted model is an error."""
+    done = applied(model)
+    if step in done:
+        if done[step] != config:
+            raise ValueError(f"the transformer was already prepared with {step} = {done[step]!r}; reload it to use "
+                             f"{config!r}")
+        return None
+    result = apply()
+    done[step] = config
+    return result
+
+
+def apply_weights(model, fmt: WeightFormat) -> StepReport:
+    if fmt.bnb_bits:  # quantized by diffusers while loading; nothing left to convert
+        mark_applied(model, "weights", fmt)
+        return StepReport("weights", fmt.name, {"loaded_quantized": True})
+    changed = _once(model, "weights", fmt, lambda: apply_weight_format(model, fmt))
+    details = changed or {}
+    summary = fmt.name if changed is not None else f"{fmt.name} (already applied)"
+    return StepReport("weights", summary, details)
+
+
+def apply_step_cache(model, name: str) -> tuple[StepReport, StepCache]:
+    """Attach the cache's hooks once; the record keeps the attached cache, which jobs then configure."""
+    done = applied(model)
+    if "step_cache" in done and done["step_cache"][0] != name:
+        raise ValueError(f"the transformer already has the {done['step_cache'][0]} step cache; reload it to use {name}")
+    if "step_cache" not in done:
+        done["step_cache"] = (name, attach_step_cache(model, name))
+    cache = done["step_cache"][1]
+    return StepReport("step_cache", f"{cache.name} (each job turns it on or off)"), cache
+
+
+def apply_placement(bundle, placement: Placement, cache: StepCache) -> StepReport:
+    placement.prepare(bundle, skip_blocks=cache.skipping)
+    return StepReport("placement", f"{placement.policy}: {placement.describe()}", {"policy": placement.policy})
+
+
+def apply_compile_step(model, config: CompileConfig) -> StepReport:
+    if not config.enabled:
+        return StepReport("compile", "off")
+    blocks = _once(model, "compile", config.mode, lambda: apply_compile(model, config))
+    summary = f"{blocks} repeated blocks, mode {config.mode}" if blocks is not None else "already compiled"
+    return StepReport("compile", summary, {"compiled_blocks": blocks or 0})
+
+
+def apply_attention_step(model, config: AttentionConfig) -> StepReport:
+    return StepReport("attention", apply_attention(model, config))
+
+
+def prepare_transformer(bundle, plan: TransformerPlan, placement: Placement) -> PrepareReport:
+    """Run the steps in their declared order on `bundle.transformer`; `placement` places the whole bundle."""
+    model = bundle.transformer
+    report = PrepareReport()
+    report.steps.append(apply_weights(model, plan.weights))
+    step, report.step_cache = apply_step_cache(model, plan.step_cache)
+    report.steps.append(step)
+    report.steps.append(apply_placement(bundle, placement, report.step_cache))
+    report.steps.append(apply_compile_step(model, plan.compile))
+    report.steps.append(apply_attention_step(model, plan.attention))
+    for s in report.steps:
+        log.info("Transformer %s: %s", s.step.replace("_", " "), s.summary)
+    return report
