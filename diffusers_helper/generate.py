@@ -93,8 +93,11 @@ def main(argv: list[str] | None = None) -> int:
     for warning in loaded.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     args = build_parser(loaded.settings).parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, stream=sys.stderr,
-                        format="%(message)s")
+    from .app.logs import configure_logging, enabled_libraries
+    from .config import weight_format
+
+    configure_logging("WARNING" if args.quiet else "INFO", enabled_libraries(weight_format(loaded.settings)),
+                      fmt="%(message)s")
     try:
         request = request_from_args(args, loaded.settings)
     except InputError as exc:

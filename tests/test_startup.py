@@ -80,3 +80,24 @@ def test_app_rejects_a_bad_setting_with_one_line():
                           env=env, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: FRAMEPACK_STEPS='lots' is not valid (not a whole number); accepted: 1 to 100"
+
+
+def test_default_start_prints_no_warnings_from_libraries_it_did_not_enable(tiny_root, tmp_path):
+    """torchao and bitsandbytes are installed here (the test requirements), but a default start enables neither:
+    their import-time warnings, and diffusers' notice about attention backends, must not reach the user."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FRAMEPACK_")}
+    env.update(FRAMEPACK_CACHE_DIR=str(tiny_root.parent), FRAMEPACK_OUTPUT_DIR=str(tmp_path))
+    code = "import demo_gradio; demo_gradio.create(['--tiny'])"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    log = proc.stderr
+    assert "Loading tiny models" in log and "Transformer placement: full" in log  # our decisions are logged
+    for noise in ("torchao", "bitsandbytes", "triton", "Attention backends are an experimental", "Traceback"):
+        assert noise.lower() not in log.lower(), noise

@@ -118,7 +118,7 @@ def start(argv: list[str] | None = None, *, info: SystemInfo | None = None, slee
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     s = loaded.settings
-    logging.basicConfig(level=getattr(logging, s.log_level), format="%(asctime)s %(name)s: %(message)s")
+    configure_logging(s.log_level, enabled_libraries(weight_format(s)))
     for warning in loaded.warnings:
         log.warning("%s", warning)
     if loaded.explicitly_set("cache_dir"):
