@@ -10,9 +10,17 @@ Every setting flag of `python -m diffusers_helper.settings --help` works here to
 
 from __future__ import annotations
 
-import json
-import logging
-import random
+import sys
+
+if __name__ == "__main__" and {"-h", "--help"} & set(sys.argv[1:]):  # usage before gradio, torch and the models load
+    from diffusers_helper.config.load import build_parser
+
+    build_parser(prog="python demo_gradio.py", description=__doc__.split("\n\n")[0]).print_help()
+    sys.exit(0)
+
+import inspect  # noqa: E402
+import logging  # noqa: E402
+import random  # noqa: E402
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +31,7 @@ from diffusers_helper.app.gpu_stats import gpu_status
 from diffusers_helper.app.jobs import ENDED, QUEUED, RUNNING, JobQueue, JobSnapshot, past_jobs
 from diffusers_helper.models.loading import WeightsMissingError
 from diffusers_helper.pipeline.request import GenerationRequest, InputError
-from diffusers_helper.config import Settings, job_defaults
+from diffusers_helper.config import Settings, job_defaults, job_fields
 from diffusers_helper.app.startup import engine_provider, model_name, start
 
 log = logging.getLogger("framepack.app")
@@ -33,21 +41,13 @@ QUICK_PROMPTS = [
     "A character doing some simple body movements.",
     "The camera slowly pushes in while the subject turns their head and smiles.",
 ]
-MAX_SEED = 2**31 - 1
+MAX_SEED = next(f.metadata["max"] for f in job_fields() if f.name == "seed")
 CSS = """
 .fp-progress {margin: 4px 0}
 .fp-label {font-size: 0.9em; margin-bottom: 4px}
 .fp-track {width: 100%; height: 10px; background: #e5e7eb; border-radius: 5px; overflow: hidden}
 .fp-bar {height: 100%; background: #2563eb; transition: width 0.3s}
 """
-# The job controls, in the order of the Start button's inputs (and the API's parameters).
-CONTROL_FIELDS = [
-    "prompt", "negative_prompt", "seed", "seconds", "latent_window_size", "steps", "cfg", "gs", "rs",
-    "use_teacache", "gpu_memory_preservation_gb", "mp4_crf", "quality_mode", "aggressive_gpu", "keep_models_in_gpu",
-    "chunk_size_multiplier", "max_chunk_size", "cpu_offload_threshold_gb", "mixed_precision", "batch_processing",
-]
-
-
 @dataclass
 class App:
     """Server-side state shared by every browser tab: one queue, one engine provider."""
@@ -61,26 +61,17 @@ class App:
         return next((label for label, name in self.model_labels.items() if name == model), model)
 
     def request(self, image, values: dict) -> GenerationRequest:
-        d = self.defaults
-        return GenerationRequest(
-            image=image, prompt=values["prompt"] or "", negative_prompt=values["negative_prompt"] or "",
-            seed=int(values["seed"]), seconds=float(values["seconds"]),
-            latent_window_size=int(values["latent_window_size"]), steps=int(values["steps"]), cfg=float(values["cfg"]),
-            gs=float(values["gs"]), rs=float(values["rs"]), use_teacache=bool(values["use_teacache"]),
-            teacache_threshold=d.teacache_threshold, gpu_memory_preservation_gb=float(values["gpu_memory_preservation_gb"]),
-            mp4_crf=int(values["mp4_crf"]), resolution=d.resolution or None, quality_mode=bool(values["quality_mode"]),
-            aggressive_gpu=bool(values["aggressive_gpu"]), keep_models_in_gpu=bool(values["keep_models_in_gpu"]),
-            chunk_size_multiplier=float(values["chunk_size_multiplier"]), max_chunk_size=int(values["max_chunk_size"]),
-            cpu_offload_threshold_gb=float(values["cpu_offload_threshold_gb"]),
-            mixed_precision=bool(values["mixed_precision"]), batch_processing=bool(values["batch_processing"]))
+        """Values by field name; a missing control takes the server's default. Types and ranges are checked by
+        `GenerationRequest.validate`, from the job schema."""
+        d = default_values(self.defaults)
+        return GenerationRequest(image=image, **{name: d[name] if values.get(name) is None else values[name]
+                                                 for name in d})
 
     def submit(self, image, model_label: str, values: dict) -> str:
         """Enqueue; returns the job id or raises InputError with a one-line message."""
         model = self.model_labels.get(model_label)
         if model is None:
             raise InputError(f"unknown model {model_label!r}; choose one of {', '.join(self.model_labels)}")
-        if values.get("prompt") is None:
-            values["prompt"] = ""
         return self.queue.submit(self.request(image, values), model)
 
 
@@ -89,8 +80,35 @@ class App:
 
 def default_values(d: Settings) -> dict:
     """The job controls' starting values, by GenerationRequest field name."""
-    defaults = job_defaults(d)
-    return {"prompt": "", "negative_prompt": "", **{k: defaults[k] for k in CONTROL_FIELDS if k in defaults}}
+    return {"prompt": "", "negative_prompt": "", **job_defaults(d)}
+
+
+def job_widget(f, value):
+    """The widget of one job field, from its declaration: label, help, limits, step."""
+    m = f.metadata
+    common = dict(label=m["label"], value=value, elem_id=m["elem_id"], visible=m["section"] != "hidden")
+    if f.type == "bool":
+        return gr.Checkbox(info=m["help"], **common)
+    if m["widget"] == "number":
+        return gr.Number(precision=0 if f.type == "int" else None, minimum=m["min"], maximum=m["max"], **common)
+    step = m["step"] or (1 if f.type == "int" else 0.01)
+    return gr.Slider(minimum=m["min"], maximum=m["max"], step=step, info=m["help"], **common)
+
+
+def with_signature(fn, params: list[inspect.Parameter], returns=dict):
+    """`fn(**values)` behind a signature naming every parameter, so the API lists them by name."""
+    sig = inspect.Signature(params, return_annotation=returns)
+
+    def named(*args, **kwargs):
+        bound = sig.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return fn(**bound.arguments)
+
+    named.__signature__ = sig
+    named.__annotations__ = {**{p.name: p.annotation for p in params if p.annotation is not inspect.Parameter.empty},
+                             "return": returns}
+    named.__name__, named.__doc__ = fn.__name__, fn.__doc__
+    return named
 
 
 def progress_html(fraction: float, text: str) -> str:
@@ -168,48 +186,22 @@ def build_app(app: App) -> gr.Blocks:
                     start_btn = gr.Button("Start Generation", variant="primary", elem_id="start")
                     stop_btn = gr.Button("End Generation", interactive=False, elem_id="stop")
                 model = gr.Radio(labels, value=labels[0], label="Model", elem_id="model")
+                controls = {}
                 with gr.Group():
-                    use_teacache = gr.Checkbox(label="Use TeaCache", value=d.use_teacache,
-                                               info="Faster, but can hurt hands and fingers.", elem_id="teacache")
-                    quality = gr.Checkbox(label="Quality Mode", value=d.quality_mode, elem_id="quality-mode",
-                                          info="Decode each section in one pass where memory allows: no tile seams, "
-                                               "more VRAM.")
-                    negative = gr.Textbox(label="Negative prompt", value="", visible=d.cfg > 1.0)
-                    with gr.Row():
-                        seed = gr.Number(label="Seed", value=d.seed, precision=0, minimum=0, maximum=MAX_SEED,
-                                         elem_id="seed")
-                        randomize = gr.Button("Random seed", size="sm")
-                    seconds = gr.Slider(label="Total video length (seconds)", minimum=1, maximum=120,
-                                        value=d.video_length, step=0.1, elem_id="seconds")
-                    window = gr.Slider(label="Latent window size", minimum=1, maximum=33, value=d.latent_window_size,
-                                       step=1, visible=False)
-                    steps = gr.Slider(label="Steps", minimum=1, maximum=100, value=d.steps, step=1, elem_id="steps",
-                                      info="Changing this is not recommended.")
-                    cfg = gr.Slider(label="CFG scale", minimum=1.0, maximum=32.0, value=d.cfg, step=0.01,
-                                    info="Real guidance; above 1 uses the negative prompt and is twice as slow.")
-                    gs = gr.Slider(label="Distilled CFG scale", minimum=1.0, maximum=32.0, value=d.gs, step=0.01)
-                    rs = gr.Slider(label="CFG rescale", minimum=0.0, maximum=1.0, value=d.rs, step=0.01)
-                    gpu_mem = gr.Slider(label="GPU memory preservation (GB)", minimum=0, maximum=128,
-                                        value=d.gpu_memory_preservation, step=0.1,
-                                        info="VRAM kept free when models are swapped; larger is safer, slower.")
-                    crf = gr.Slider(label="MP4 compression (CRF)", minimum=0, maximum=51, value=d.mp4_crf, step=1,
-                                    info="Lower is better; 0 is lossless and can show black in some players.")
+                    for f in job_fields():
+                        if f.metadata["section"] == "performance":
+                            continue
+                        if f.name == "seed":
+                            negative = gr.Textbox(label="Negative prompt", value="", visible=d.cfg > 1.0)
+                            with gr.Row():
+                                controls["seed"] = job_widget(f, d.seed)
+                                randomize = gr.Button("Random seed", size="sm")
+                        else:
+                            controls[f.name] = job_widget(f, getattr(d, f.name))
                 with gr.Accordion("Performance Tuning", open=False, elem_id="performance"):
-                    aggressive = gr.Checkbox(label="Aggressive GPU usage", value=d.aggressive_gpu,
-                                             info="Larger decode chunks, half the preserved memory.")
-                    keep = gr.Checkbox(label="Keep models in GPU", value=d.keep_models_in_gpu,
-                                       info="Never move a model back to the CPU between stages.")
-                    multiplier = gr.Slider(label="Chunk Size Multiplier", minimum=0.5, maximum=3.0,
-                                           value=d.chunk_size_multiplier, step=0.1)
-                    max_chunk = gr.Slider(label="Max Chunk Size", minimum=1024, maximum=8192, value=d.max_chunk_size,
-                                          step=256, info="Query tokens per attention call in the VAE decoder.")
-                    threshold = gr.Slider(label="CPU Offload Threshold (GB)", minimum=0, maximum=128,
-                                          value=d.cpu_offload_threshold_gb, step=0.5,
-                                          info="Swap models to the CPU only above this much VRAM in use.")
-                    mixed = gr.Checkbox(label="Mixed Precision Mode", value=d.mixed_precision,
-                                        info="bf16 compute; off computes the transformer in float32.")
-                    batch = gr.Checkbox(label="Batch Processing", value=d.batch_processing,
-                                        info="Run both CFG branches in one batch when CFG > 1.")
+                    for f in job_fields():
+                        if f.metadata["section"] == "performance":
+                            controls[f.name] = job_widget(f, getattr(d, f.name))
             with gr.Column():
                 preview = gr.Image(label="Next latents", height=200, interactive=False, elem_id="preview")
                 result = gr.Video(label="Finished frames", autoplay=True, loop=True, height=512, interactive=False,
@@ -231,12 +223,12 @@ def build_app(app: App) -> gr.Blocks:
                         refresh_btn = gr.Button("Refresh", elem_id="refresh-gallery")
                         reuse_btn = gr.Button("Reuse these settings", elem_id="reuse")
 
-        controls = [prompt, negative, seed, seconds, window, steps, cfg, gs, rs, use_teacache, gpu_mem, crf, quality,
-                    aggressive, keep, multiplier, max_chunk, threshold, mixed, batch]
+        named = {"prompt": prompt, "negative_prompt": negative, **controls}  # API parameters: the field names
 
-        def on_start(img, model_label, *values):
+        def on_start(image, model, **values):
+            """Queue a job with every control; returns at once with the job id (or why it cannot start)."""
             try:
-                job_id = app.submit(img, model_label, dict(zip(CONTROL_FIELDS, values)))
+                job_id = app.submit(image, model, values)
             except InputError as exc:
                 gr.Warning(str(exc))
                 return f"**Cannot start:** {exc}"
@@ -260,20 +252,19 @@ def build_app(app: App) -> gr.Blocks:
         def on_reuse(record):
             if not record:
                 gr.Warning("Select a past video first.")
-                return [gr.update()] * (len(controls) + 1)
+                return [gr.update()] * (len(named) + 1)
             s = record.get("settings", {})
-            values = [s.get(name, gr.update()) for name in CONTROL_FIELDS]
-            return [*values, app.label_of(record.get("model", ""))]
+            return [*(s.get(name, gr.update()) for name in named), app.label_of(record.get("model", ""))]
 
-        start_btn.click(on_start, inputs=[image, model, *controls], outputs=status, api_name="submit",
+        start_btn.click(on_start, inputs=[image, model], inputs_kwargs=named, outputs=status, api_name="submit",
                         show_progress="hidden")
         stop_btn.click(on_stop, outputs=status, api_name="stop", show_progress="hidden")
         cancel_btn.click(on_cancel, inputs=job_choice, outputs=status, api_name="cancel_job", show_progress="hidden")
-        cfg.change(lambda v: gr.update(visible=v > 1.0), inputs=cfg, outputs=negative, queue=False, api_visibility="private")
-        randomize.click(lambda: random.randint(0, MAX_SEED), outputs=seed, queue=False, api_visibility="private")
+        controls["cfg"].change(lambda v: gr.update(visible=v > 1.0), inputs=controls["cfg"], outputs=negative, queue=False, api_visibility="private")
+        randomize.click(lambda: random.randint(0, MAX_SEED), outputs=controls["seed"], queue=False, api_visibility="private")
         refresh_btn.click(on_refresh, outputs=[gallery, records], api_visibility="private")
         gallery.select(on_select, inputs=records, outputs=chosen, api_visibility="private")
-        reuse_btn.click(on_reuse, inputs=chosen, outputs=[*controls, model], api_visibility="private")
+        reuse_btn.click(on_reuse, inputs=chosen, outputs=[*named.values(), model], api_visibility="private")
         timer = gr.Timer(1.0)
         timer.tick(lambda s: render(app, s), inputs=seen,
                    outputs=[result, preview, status, bar, gpu, table, job_choice, start_btn, stop_btn, seen],
@@ -286,18 +277,26 @@ def build_app(app: App) -> gr.Blocks:
 def _api(app: App) -> None:
     """Named endpoints for gradio_client (see README): generate waits, the others return at once."""
 
-    def generate(image: FileData, prompt: str, model: str = "", seconds: float = 5.0, seed: int = 31337,
-                 steps: int = 25, use_teacache: bool = True) -> dict:
-        """Queue a job from an image file and wait for it; returns its final state and video path."""
-        image = _file_path(image)
-        values = default_values(app.defaults)
-        values.update(prompt=prompt, seed=seed, seconds=seconds, steps=steps, use_teacache=use_teacache)
+    def generate(image, prompt, model, **values) -> dict:
+        """Queue a job from an image file and wait for it; returns its final state and video path. Every job
+        control can be given by name (see the schema); the rest take the server's defaults."""
         label = app.label_of(model) if model else next(iter(app.model_labels))
         try:
-            job_id = app.submit(image, label, values)
+            job_id = app.submit(_file_path(image), label, {"prompt": prompt, **values})
         except InputError as exc:
             return {"state": "rejected", "error": str(exc)}
         return _snapshot_dict(app.queue.wait(job_id))
+
+    P = inspect.Parameter
+    d = app.defaults
+    types = {"bool": bool, "int": int, "float": float}
+    params = [P("image", P.POSITIONAL_OR_KEYWORD, annotation=FileData),
+              P("prompt", P.POSITIONAL_OR_KEYWORD, annotation=str),
+              P("model", P.POSITIONAL_OR_KEYWORD, default="", annotation=str),
+              P("negative_prompt", P.POSITIONAL_OR_KEYWORD, default="", annotation=str)]
+    params += [P(f.name, P.POSITIONAL_OR_KEYWORD, default=getattr(d, f.name), annotation=types[f.type])
+               for f in job_fields()]
+    generate = with_signature(generate, params)
 
     def job_status(job_id: str) -> dict:
         """State, progress and video of one job."""

@@ -22,6 +22,10 @@ if [[ $# -gt 0 && "$1" != -* ]]; then
 fi
 while [[ $# -gt 0 ]]; do
   case "$1" in
+    -h|--help)
+      sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
+      echo
+      exec "${PYTHON:-python3}" demo_gradio.py --help ;;
     --preset) preset="${2:?--preset needs a name}"; shift 2 ;;
     --preset=*) preset="${1#--preset=}"; shift ;;
     --dry-run) dry_run=1; shift ;;

@@ -27,30 +27,30 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser(defaults=None) -> argparse.ArgumentParser:
-    """Flags default to the FRAMEPACK_* settings (config file and environment), then the original's values."""
-    from .config import Settings, job_defaults
+    """Flags default to the FRAMEPACK_* settings (config file and environment), then the schema's defaults.
+    Every per-job control has its flags from `config.job`; the rest are about this run."""
+    from .config import Settings, job_fields
+    from .config.job import number
 
     s = defaults or Settings()
-    d = GenerationRequest(prompt="", **job_defaults(s))
     p = _Parser(prog="python -m diffusers_helper.generate", description="FramePack image-to-video, headless.")
     p.add_argument("--image", required=True, help="input image file")
     p.add_argument("--prompt", required=True, help="what should happen in the video")
-    p.add_argument("--negative-prompt", default=d.negative_prompt, help="used only when --cfg > 1")
+    p.add_argument("--negative-prompt", default="", help="used only when --cfg > 1")
     p.add_argument("--model", default=s.model, help=f"one of {', '.join(MODEL_NAMES)}")
-    p.add_argument("--seconds", type=float, default=d.seconds, help="video length in seconds")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--window", type=int, default=d.latent_window_size, help="latent window size")
-    p.add_argument("--cfg", type=float, default=d.cfg, help="real CFG scale (1 = off, twice as fast)")
-    p.add_argument("--gs", type=float, default=d.gs, help="distilled CFG scale")
-    p.add_argument("--rs", type=float, default=d.rs, help="CFG rescale")
-    p.add_argument("--no-teacache", dest="teacache", action="store_false", default=d.use_teacache,
-                   help="compute every step (best quality)")
-    p.add_argument("--teacache-threshold", type=float, default=d.teacache_threshold)
-    p.add_argument("--quality-mode", action="store_true", default=s.quality_mode,
-                   help="decode each section in as few temporal tiles as memory allows (fewer seams)")
-    p.add_argument("--crf", type=int, default=d.mp4_crf, help="MP4 quality, 0-51, lower is better")
-    p.add_argument("--resolution", type=int, default=d.resolution, help="bucket resolution (default: the model's)")
+    jobs = p.add_argument_group("job controls")
+    for f in job_fields():
+        m, default = f.metadata, getattr(s, f.name)
+        limits = f" ({number(m['min'])} to {number(m['max'])})" if m["min"] is not None else ""
+        if f.type == "bool":
+            if m["flags"]:
+                jobs.add_argument(*m["flags"], dest=f.name, action="store_true", default=default,
+                                  help=f"{m['help']} (default: {'on' if default else 'off'})")
+            if m["negative_flags"]:
+                jobs.add_argument(*m["negative_flags"], dest=f.name, action="store_false", help=f"turn off: {m['label']}")
+        else:
+            jobs.add_argument(*m["flags"], dest=f.name, type={"int": int, "float": float}[f.type], default=default,
+                              metavar=f.name.upper(), help=f"{m['help']}{limits}; default {default}")
     p.add_argument("--output", default=s.output_dir, help="output folder")
     p.add_argument("--models-dir", default=s.models_dir or None, help="local folder laid out like the HF repos")
     p.add_argument("--offline", action="store_true", default=s.offline, help="never download (HF_HUB_OFFLINE=1)")
@@ -60,26 +60,13 @@ def build_parser(defaults=None) -> argparse.ArgumentParser:
     return p
 
 
-def request_from_args(args, settings=None) -> GenerationRequest:
+def request_from_args(args) -> GenerationRequest:
+    from .config import job_fields
+
     if args.model not in MODEL_NAMES:
         raise InputError(f"unknown model {args.model!r}; choose one of {', '.join(MODEL_NAMES)}")
-    return GenerationRequest(
-        prompt=args.prompt, image=load_image(args.image), negative_prompt=args.negative_prompt, seed=args.seed,
-        seconds=args.seconds, latent_window_size=args.window, steps=args.steps, cfg=args.cfg, gs=args.gs,
-        rs=args.rs, use_teacache=args.teacache, teacache_threshold=args.teacache_threshold,
-        mp4_crf=args.crf, resolution=args.resolution, quality_mode=args.quality_mode,
-        **performance_fields(settings),
-    ).validate()
-
-
-def performance_fields(settings) -> dict:
-    """The controls the CLI has no flag for, from the settings (the UI lets users change them)."""
-    from .config import Settings, job_defaults
-
-    defaults = job_defaults(settings or Settings())
-    return {k: defaults[k] for k in ("aggressive_gpu", "keep_models_in_gpu", "chunk_size_multiplier",
-                                     "max_chunk_size", "cpu_offload_threshold_gb", "mixed_precision",
-                                     "batch_processing", "gpu_memory_preservation_gb")}
+    return GenerationRequest(prompt=args.prompt, image=load_image(args.image), negative_prompt=args.negative_prompt,
+                             **{f.name: getattr(args, f.name) for f in job_fields()}).validate()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging("WARNING" if args.quiet else "INFO", enabled_libraries(weight_format(loaded.settings)),
                       fmt="%(message)s")
     try:
-        request = request_from_args(args, loaded.settings)
+        request = request_from_args(args)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

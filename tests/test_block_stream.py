@@ -86,7 +86,7 @@ def test_streamed_blocks_give_identical_video(deep_bundle, tiny_root, tmp_path, 
 def test_teacache_skipped_steps_move_no_blocks(deep_bundle, tmp_path, encoded_frames, test_image):
     placement = Placement(torch.device("cpu"), "swap", probe=lambda: (1 * MB, 0))
     _, engine, _ = _run(deep_bundle, placement, tmp_path, encoded_frames, test_image, use_teacache=True,
-                        teacache_threshold=10.0, steps=8)
+                        teacache_threshold=1.0, steps=8)
     streamer = streamer_of(deep_bundle.transformer)
     stats = engine.step_cache.stats
     assert streamer.resident_count == 0 and stats["skipped"] > 0

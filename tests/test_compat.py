@@ -30,7 +30,7 @@ def test_quiet_baseline():
     ("real-models-on-cpu", quiet(), CPU, WARNING, None),
     ("keep-in-gpu-without-room", quiet(keep_models_in_gpu=True), RTX3060, WARNING, None),
     ("placement-conflict", quiet(keep_models_in_gpu=True, use_memory_v2=True), H100, CRITICAL, None),
-    ("preservation-exceeds-vram", quiet(gpu_memory_preservation=16), RTX3060, WARNING, None),
+    ("preservation-exceeds-vram", quiet(gpu_memory_preservation_gb=16), RTX3060, WARNING, None),
     ("several-quantizers", quiet(enable_fp8=True, use_bnb=True), dataclasses.replace(
         H100, packages=frozenset({"bitsandbytes"})), CRITICAL, None),
     ("several-quantizers", quiet(enable_fp8=True, fp8_storage=True), H100, CRITICAL, None),

@@ -19,8 +19,8 @@ def load(argv=(), env=None, config=None, tmp_path=None):
 
 def test_defaults_match_the_original_app(tmp_path):
     s = load(tmp_path=tmp_path).settings
-    assert (s.seed, s.video_length, s.steps, s.latent_window_size) == (31337, 5.0, 25, 9)
-    assert (s.cfg, s.gs, s.rs, s.gpu_memory_preservation, s.mp4_crf, s.use_teacache) == (1.0, 10.0, 0.0, 6.0, 16,
+    assert (s.seed, s.seconds, s.steps, s.latent_window_size) == (31337, 5.0, 25, 9)
+    assert (s.cfg, s.gs, s.rs, s.gpu_memory_preservation_gb, s.mp4_crf, s.use_teacache) == (1.0, 10.0, 0.0, 6.0, 16,
                                                                                           True)
     assert s.teacache_threshold == 0.15 and s.server == "127.0.0.1"
 

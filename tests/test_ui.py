@@ -220,3 +220,30 @@ def test_gradio_client_api(app_url, image_file):
     assert status["state"] == "finished" and status["video"] == result["video"]
     rejected = client.predict(image=handle_file(str(image_file)), prompt="x", seconds=0, api_name="/generate")
     assert rejected["state"] == "rejected" and "video length" in rejected["error"]
+
+
+def test_api_parameters_are_named_after_the_job_fields(app_url, image_file):
+    from gradio_client import Client, handle_file
+
+    from diffusers_helper.config import job_fields
+
+    url, _ = app_url
+    client = Client(url, verbose=False)
+    api = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    fields = [f.name for f in job_fields()]
+    assert [p["parameter_name"] for p in api["/submit"]["parameters"]] == ["image", "model", "prompt",
+                                                                          "negative_prompt", *fields]
+    assert [p["parameter_name"] for p in api["/generate"]["parameters"]][4:] == fields
+    queued = client.predict(handle_file(str(image_file)), "Tiny (inverted, offline)", prompt="named", seconds=1.0,
+                            steps=2, mp4_crf=30, api_name="/submit")
+    job_id = queued.split("`")[1]
+    done = client.predict(image=handle_file(str(image_file)), prompt="waits", seconds=1.0, steps=1,
+                          api_name="/generate")  # the queue runs in order: the submitted job is over by now
+    assert done["state"] == "finished"
+    status = client.predict(job_id, api_name="/job_status")
+    import json
+
+    settings = json.loads(Path(status["sidecar"]).read_text())["settings"]
+    assert (settings["prompt"], settings["mp4_crf"], settings["steps"]) == ("named", 30, 2)
+    bad = client.predict(image=handle_file(str(image_file)), prompt="x", steps=2.7, api_name="/generate")
+    assert bad["state"] == "rejected" and bad["error"] == "steps must be a whole number, got 2.7"

@@ -110,9 +110,9 @@ def _placement_conflict(s, info):
 
 @rule("preservation-exceeds-vram")
 def _preservation(s, info):
-    if info.cuda and s.gpu_memory_preservation >= info.total_vram_gb > 0:
+    if info.cuda and s.gpu_memory_preservation_gb >= info.total_vram_gb > 0:
         return Finding(WARNING, "preservation-exceeds-vram", f"GPU memory preservation is "
-                       f"{s.gpu_memory_preservation:g} GB but the GPU has {info.total_vram_gb:.1f} GB in all.",
+                       f"{s.gpu_memory_preservation_gb:g} GB but the GPU has {info.total_vram_gb:.1f} GB in all.",
                        "lower FRAMEPACK_GPU_MEMORY_PRESERVATION below the GPU's memory")
 
 

@@ -4,8 +4,9 @@ Every other layer reads its configuration from here, so this package imports non
 
 from .formats import TORCHAO_BITS, WEIGHT_FORMAT_NAMES, weight_format, weight_formats
 from .load import LoadedSettings, Source, build_parser, load_settings, parse_value, setting_fields, torch_sdp_flag
-from .schema import ACTIVE, PLANNED, UNSUPPORTED, Settings, SettingsError, job_defaults
+from .job import JobSettings, JobValueError, job_defaults, job_fields, validate_job
+from .schema import ACTIVE, PLANNED, UNSUPPORTED, Settings, SettingsError
 
-__all__ = ["ACTIVE", "PLANNED", "UNSUPPORTED", "LoadedSettings", "Settings", "SettingsError", "Source",
+__all__ = ["ACTIVE", "PLANNED", "UNSUPPORTED", "JobSettings", "JobValueError", "job_fields", "validate_job", "LoadedSettings", "Settings", "SettingsError", "Source",
            "TORCHAO_BITS", "WEIGHT_FORMAT_NAMES", "build_parser", "job_defaults", "load_settings", "parse_value",
            "setting_fields", "torch_sdp_flag", "weight_format", "weight_formats"]

@@ -163,9 +163,11 @@ def _read_config(path: Path, by_name: dict, explicit: bool) -> dict[str, tuple[A
     return values
 
 
-def build_parser(add_help: bool = True, prog: str | None = None) -> argparse.ArgumentParser:
+def build_parser(add_help: bool = True, prog: str | None = None, description: str | None = None
+                 ) -> argparse.ArgumentParser:
     """Flags for every setting that has one; values stay strings so one validator checks all sources."""
-    p = argparse.ArgumentParser(prog=prog, add_help=add_help, argument_default=argparse.SUPPRESS)
+    p = argparse.ArgumentParser(prog=prog, add_help=add_help, argument_default=argparse.SUPPRESS,
+                                description=description)
     p.add_argument("--config", default=argparse.SUPPRESS, help="YAML settings file (default: ./config.yaml)")
     for f in setting_fields():
         m = f.metadata

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .job import JobSettings
+
 ACTIVE = "active"
 PLANNED = "planned"  # the feature is not built yet: say so instead of ignoring the value
 UNSUPPORTED = "unsupported"  # deliberately not offered; the reason says why
@@ -29,12 +31,13 @@ def _s(default, env=None, flags=(), help="", *, choices=None, min=None, max=None
     return field(default=default, metadata=meta)
 
 
-_V5 = "VAE decode work (issue 5)"
 _LATER = "not built yet"
 
 
 @dataclass
-class Settings:
+class Settings(JobSettings):
+    """The app's settings; the per-job controls' defaults come first, inherited from `JobSettings`."""
+
     # -- app and files ------------------------------------------------------------------------------
     model: str = _s("framepack", "FRAMEPACK_MODEL", ["--model"], "model to load first",
                     choices=("framepack", "f1", "tiny", "tiny-f1"))
@@ -56,60 +59,13 @@ class Settings:
     log_level: str = _s("INFO", "FRAMEPACK_LOG_LEVEL", ["--log-level"], "logging level",
                         choices=("DEBUG", "INFO", "WARNING", "ERROR"))
 
-    # -- job defaults (the UI starts from these; each job may override) --------------------------------
-    seed: int = _s(31337, "FRAMEPACK_SEED", ["--seed"], "default seed", min=0, max=2**63 - 1, group="job")
-    video_length: float = _s(5.0, "FRAMEPACK_VIDEO_LENGTH", ["--video-length"], "default length in seconds",
-                             min=0.1, max=120.0, group="job")
-    steps: int = _s(25, "FRAMEPACK_STEPS", ["--steps"], "sampling steps per section", min=1, max=100, group="job")
-    latent_window_size: int = _s(9, "FRAMEPACK_LATENT_WINDOW_SIZE", ["--latent-window-size"],
-                                 "latent frames per section", min=1, max=33, group="job")
-    cfg: float = _s(1.0, "FRAMEPACK_CFG", ["--cfg"], "real CFG scale (1: off)", min=1.0, max=32.0, group="job")
-    gs: float = _s(10.0, "FRAMEPACK_GS", ["--gs"], "distilled CFG scale", min=0.0, max=32.0, group="job")
-    rs: float = _s(0.0, "FRAMEPACK_RS", ["--rs"], "CFG rescale", min=0.0, max=1.0, group="job")
-    use_teacache: bool = _s(True, "FRAMEPACK_USE_TEACACHE", ["--teacache"], "TeaCache on by default", group="job",
-                            negative_flags=["--no-teacache"])
-    teacache_threshold: float = _s(0.15, "FRAMEPACK_TEACACHE_THRESHOLD", ["--teacache-threshold"],
-                                   "TeaCache accumulated-change threshold", min=0.0, max=1.0, group="job")
-    gpu_memory_preservation: float = _s(6.0, "FRAMEPACK_GPU_MEMORY_PRESERVATION", ["--gpu-memory-preservation"],
-                                        "GB of VRAM kept free when models are swapped (under the swap placement)",
-                                        min=0.0,
-                                        max=128.0, group="job")
-    mp4_crf: int = _s(16, "FRAMEPACK_MP4_CRF", ["--mp4-crf"], "H.264 quality, lower is better", min=0, max=51,
-                      group="job")
-    resolution: int = _s(0, "FRAMEPACK_RESOLUTION", ["--resolution"],
-                         "bucket resolution (0: the model's own, 640 for the real models)", min=0, max=2048,
-                         group="job")
-    quality_mode: bool = _s(False, "FRAMEPACK_QUALITY_MODE", ["--quality-mode"],
-                            "decode each section in as few temporal tiles as memory allows (fewer seams)",
-                            group="job")
-    mixed_precision: bool = _s(True, "FRAMEPACK_MIXED_PRECISION", ["--mixed-precision"],
-                               "bf16/fp16 compute; off computes the transformer in float32", group="job",
-                               negative_flags=["--no-mixed-precision"])
-    batch_processing: bool = _s(False, "FRAMEPACK_BATCH_PROCESSING", ["--batch-processing"],
-                                "run the CFG branches as one batch when CFG > 1", group="job")
-
     # -- memory ------------------------------------------------------------------------------------------
-    keep_models_in_gpu: bool = _s(False, "FRAMEPACK_KEEP_MODELS_IN_GPU", ["--keep-models-in-gpu"],
-                                  "keep every model on the GPU (needs ~60 GB free)", group="memory")
-    aggressive_gpu: bool = _s(False, "FRAMEPACK_AGGRESSIVE_GPU", ["--aggressive-gpu"],
-                              "use more VRAM: larger decode chunks, half the preserved memory, less reserve",
-                              group="memory")
     placement: str = _s("auto", "FRAMEPACK_PLACEMENT", ["--placement"],
                         "model placement policy: auto, full or swap", choices=("auto", "full", "swap"),
                         group="memory")
     use_memory_v2: bool = _s(False, "FRAMEPACK_USE_MEMORY_V2", ["--use-memory-v2"],
                              "stream the transformer with pinned memory and prefetch (the swap policy)",
                              group="memory")
-    chunk_size_multiplier: float = _s(1.0, "FRAMEPACK_CHUNK_SIZE_MULTIPLIER", ["--chunk-size-multiplier"],
-                                      "scales the auto-sized VAE decode chunks (larger: faster, more VRAM)",
-                                      min=0.5, max=3.0, group="memory")
-    max_chunk_size: int = _s(2048, "FRAMEPACK_MAX_CHUNK_SIZE", ["--max-chunk-size"],
-                             "most query tokens per attention call in the VAE's mid block", min=1024, max=8192,
-                             group="memory")
-    cpu_offload_threshold_gb: float = _s(6.0, "FRAMEPACK_CPU_OFFLOAD_THRESHOLD", ["--cpu-offload-threshold"],
-                                         "swap models to the CPU only when VRAM in use would exceed this (GB)",
-                                         min=0.0,
-                                         max=128.0, group="memory")
     vae_device: str = _s("", "FRAMEPACK_VAE_DEVICE", ["--vae-device"],
                          "a device of its own for the VAE, e.g. cuda:1 (empty: the compute device); it then decodes "
                          "each section while the next one samples", group="memory")
@@ -302,20 +258,10 @@ class Settings:
                                       note=_LATER)
 
 
-def job_defaults(s: "Settings") -> dict:
-    """Starting values of a job's controls, keyed by GenerationRequest field (UI, CLI and API share it)."""
-    return {"seed": s.seed, "seconds": s.video_length, "latent_window_size": s.latent_window_size, "steps": s.steps,
-            "cfg": s.cfg, "gs": s.gs, "rs": s.rs, "use_teacache": s.use_teacache,
-            "teacache_threshold": s.teacache_threshold, "gpu_memory_preservation_gb": s.gpu_memory_preservation,
-            "mp4_crf": s.mp4_crf, "resolution": s.resolution or None, "quality_mode": s.quality_mode,
-            "aggressive_gpu": s.aggressive_gpu, "keep_models_in_gpu": s.keep_models_in_gpu,
-            "chunk_size_multiplier": s.chunk_size_multiplier, "max_chunk_size": s.max_chunk_size,
-            "cpu_offload_threshold_gb": s.cpu_offload_threshold_gb, "mixed_precision": s.mixed_precision,
-            "batch_processing": s.batch_processing}
-
-
 # Names other tools use for the same setting (the seeds' config.yaml keys); resolved on read.
 CONFIG_ALIASES = {
+    "video_length": "seconds",
+    "gpu_memory_preservation": "gpu_memory_preservation_gb",
     "enable_torch_compile": "enable_compile",
     "torch_compile_mode": "compile_mode",
     "enable_cpu_offload": "use_memory_v2",

@@ -1,0 +1,79 @@
+"""One declaration of the per-job controls: validation, the CLI, the web app's widgets and --help follow it."""
+
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+from diffusers_helper.config import Settings, job_fields, load_settings
+from diffusers_helper.pipeline.request import GenerationRequest, InputError
+
+IMAGE = np.zeros((64, 64, 3), np.uint8)
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(steps=2.7), "steps must be a whole number, got 2.7"),
+    (dict(steps="abc"), "steps must be a number, got 'abc'"),
+    (dict(seed=[1, 2]), "seed must be a number, got list"),
+    (dict(seconds=0.5), "video length must be between 1 and 120 seconds, got 0.5"),
+    (dict(gs=0.5), "distilled CFG must be between 1 and 32, got 0.5"),
+    (dict(cfg=float("nan")), "CFG must be a finite number"),
+    (dict(use_teacache="yes"), "TeaCache must be true or false"),
+    (dict(resolution=32), "resolution must be 0 (the model's own) or between 64 and 2048"),
+])
+def test_validation_comes_from_the_schema(changes, message):
+    with pytest.raises(InputError) as info:
+        GenerationRequest(prompt="x", image=IMAGE, **changes).validate()
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_values_are_coerced_to_their_declared_types():
+    req = GenerationRequest(prompt="x", image=IMAGE, steps=3.0, seed="12", seconds=2).validate()
+    assert (req.steps, req.seed, req.seconds) == (3, 12, 2.0)
+    assert type(req.steps) is int and type(req.seconds) is float
+    assert set(req.to_record()) == {f.name for f in job_fields()} | {"prompt", "negative_prompt"}  # the sidecar
+
+
+def test_every_job_control_is_a_setting_flag_and_a_cli_flag(tmp_path):
+    from diffusers_helper.generate import build_parser
+
+    parser = build_parser()
+    cli_flags = {opt for a in parser._actions for opt in a.option_strings}
+    for f in job_fields():
+        m = f.metadata
+        assert m["env"] and m["flags"] and set(m["flags"]) <= cli_flags, f.name
+        assert getattr(Settings(), f.name) == f.default  # the settings start from the schema's default
+    loaded = load_settings(["--steps", "7"], env={"FRAMEPACK_VIDEO_LENGTH": "3"}, cwd=tmp_path).settings
+    args = build_parser(loaded).parse_args(["--image", "i.png", "--prompt", "p"])
+    assert (args.steps, args.seconds) == (7, 3.0)  # the CLI's defaults are the settings'
+
+
+def test_widgets_take_label_limits_and_step_from_the_schema():
+    import gradio as gr
+
+    import demo_gradio
+
+    for f in job_fields():
+        m = f.metadata
+        with gr.Blocks():
+            widget = demo_gradio.job_widget(f, f.default)
+        assert widget.label == m["label"] and widget.visible == (m["section"] != "hidden")
+        if f.type != "bool":
+            assert (widget.minimum, widget.maximum) == (m["min"], m["max"]), f.name
+    assert demo_gradio.MAX_SEED == 2**32 - 1
+
+
+def test_help_prints_usage_fast_without_loading_anything():
+    for cmd in ([sys.executable, "demo_gradio.py", "--help"], ["bash", "start.sh", "--help"]):
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0 and time.perf_counter() - t0 < 10, proc.stderr
+        assert "usage: python demo_gradio.py" in proc.stdout and "--seconds" in proc.stdout
+    probe = ("import sys, runpy; sys.argv = ['demo_gradio.py', '--help']\n"
+             "try:\n    runpy.run_path('demo_gradio.py', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+             "print(sorted(m for m in ('torch', 'gradio', 'diffusers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=60).stdout
+    assert out.strip().endswith("[]")
