@@ -29,14 +29,13 @@ def test_quiet_baseline():
     ("cuda-requested-but-missing", quiet(device="cuda"), CPU, CRITICAL, None),
     ("real-models-on-cpu", quiet(), CPU, WARNING, None),
     ("keep-in-gpu-without-room", quiet(keep_models_in_gpu=True), RTX3060, WARNING, None),
-    ("placement-conflict", quiet(keep_models_in_gpu=True, use_memory_v2=True), H100, CRITICAL, None),
+    ("placement-conflict", quiet(keep_models_in_gpu=True, stream_transformer=True), H100, CRITICAL, None),
     ("preservation-exceeds-vram", quiet(gpu_memory_preservation_gb=16), RTX3060, WARNING, None),
     ("several-quantizers", quiet(enable_fp8=True, use_bnb=True), dataclasses.replace(
         H100, packages=frozenset({"bitsandbytes"})), CRITICAL, None),
     ("several-quantizers", quiet(enable_fp8=True, fp8_storage=True), H100, CRITICAL, None),
     ("bnb-needs-cuda", quiet(use_bnb=True, tiny=True), CPU, CRITICAL, None),
     ("slower-than-bf16", quiet(enable_fp8=True), H100, WARNING, None),
-    ("compile-with-torchscript", quiet(enable_compile=True, jit_mode="trace"), H100, WARNING, None),
     ("missing-package", quiet(xformers_mode="aggressive"), H100, CRITICAL, None),
     ("fp8-without-hardware", quiet(enable_fp8=True), RTX3060, CRITICAL, None),
     ("flash-sdp-off-without-alternative", quiet(), H100, INFO, {"PYTORCH_ENABLE_FLASH_SDP": "0"}),
@@ -87,5 +86,5 @@ def test_critical_findings_pause_unless_skipped():
 
 
 def test_findings_sorted_by_level():
-    levels = [f.level for f in check(Settings(device="cuda", keep_models_in_gpu=True, use_memory_v2=True), CPU, {})]
+    levels = [f.level for f in check(Settings(device="cuda", keep_models_in_gpu=True, stream_transformer=True), CPU, {})]
     assert levels == sorted(levels, key=[CRITICAL, WARNING, INFO].index)

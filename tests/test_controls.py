@@ -94,7 +94,7 @@ def test_engine_applies_job_controls(tiny_bundles, tmp_path, test_image, caplog)
     assert isinstance(engine.generate(_req(test_image), lambda e: None), Finished)
     base_budget = engine.decoder.last_plan.chunk_budget_bytes
     with caplog.at_level(logging.INFO):
-        final = engine.generate(_req(test_image, aggressive_gpu=True, chunk_size_multiplier=1.5, max_chunk_size=4096,
+        final = engine.generate(_req(test_image, aggressive_gpu=True, chunk_size_multiplier=1.5, vae_attention_tokens=4096,
                                      keep_models_in_gpu=True, cpu_offload_threshold_gb=7,
                                      gpu_memory_preservation_gb=8), lambda e: None)
     assert isinstance(final, Finished)

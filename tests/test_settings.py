@@ -93,6 +93,12 @@ def test_planned_and_unsupported_settings_say_so(tmp_path):
     text = "\n".join(loaded.warnings)
     assert "FRAMEPACK_ENABLE_FBCACHE: not available in this version" in text
     assert "FRAMEPACK_JIT_MODE: not offered (TorchScript" in text
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "config.yaml").write_text("jit_save: out.pt\nsteps: 12\n")
+    flag_and_file = load(["--jit-mode", "script", "--disable-sim-cache"], tmp_path=tmp_path / "c")
+    text = "\n".join(flag_and_file.warnings)
+    assert "--jit-mode: not offered" in text and "'script' has no effect" in text and "--enable-sim-cache" in text
+    assert "config.yaml:jit_save: not offered" in text and flag_and_file.settings.steps == 12
     # setting an active option, or a planned one to its default, warns about nothing
     assert load(env={"FRAMEPACK_STEPS": "20", "FRAMEPACK_ENABLE_FBCACHE": "0"}, tmp_path=tmp_path).warnings == []
 
@@ -107,8 +113,11 @@ def test_booleans_and_lists(tmp_path):
 
 
 def test_every_seed_variable_and_flag_is_known():
-    envs = {f.metadata["env"] for f in setting_fields()}
+    from diffusers_helper.config.schema import NOT_OFFERED
+
+    envs = {f.metadata["env"] for f in setting_fields()} | {n.env for n in NOT_OFFERED}
     flags = {fl for f in setting_fields() for fl in f.metadata["flags"] + f.metadata["negative_flags"]}
+    flags |= {fl for n in NOT_OFFERED for fl in n.flags}
     seed_dir = REPO.parent / "shared" / "seeds"
     if not seed_dir.is_dir():
         pytest.skip("seed documents not present")

@@ -48,7 +48,7 @@ def test_unknown_preset_is_an_error():
 def test_placement_override_from_settings():
     assert placement_override(Settings()) is None
     assert placement_override(Settings(keep_models_in_gpu=True)) == "full"
-    assert placement_override(Settings(use_memory_v2=True)) == "swap"
+    assert placement_override(Settings(stream_transformer=True)) == "swap"
     assert placement_override(Settings(placement="swap", keep_models_in_gpu=True)) == "swap"
 
 

@@ -101,7 +101,7 @@ def _keep_without_room(s, info):
 @rule("placement-conflict")
 def _placement_conflict(s, info):
     wants_full = s.keep_models_in_gpu or s.placement == "full"
-    wants_swap = s.use_memory_v2 or s.placement == "swap"
+    wants_swap = s.stream_transformer or s.placement == "swap"
     if wants_full and wants_swap:
         return Finding(CRITICAL, "placement-conflict", "both 'keep models in GPU' and streamed offload "
                        "(--use-memory-v2 / placement=swap) are on; they are opposite placements.",
@@ -152,13 +152,6 @@ def _bnb_needs_cuda(s, info):
                        "this machine has none.", "turn FRAMEPACK_USE_BNB off; FRAMEPACK_ENABLE_QUANT=1 (torchao) "
                        "or FRAMEPACK_FP8_STORAGE=1 also save memory")
     return None
-
-
-@rule("compile-with-torchscript")
-def _compile_and_jit(s, info):
-    if s.enable_compile and s.jit_mode != "off":
-        return Finding(WARNING, "compile-with-torchscript", "torch.compile and TorchScript were both asked for; "
-                       "TorchScript is not offered, so only torch.compile applies.", "drop --jit-mode")
 
 
 @rule("missing-package")

@@ -48,7 +48,7 @@ def placement_override(settings: Settings) -> str | None:
         return settings.placement
     if settings.keep_models_in_gpu:
         return "full"
-    if settings.use_memory_v2:
+    if settings.stream_transformer:
         return "swap"
     return None
 
@@ -60,7 +60,7 @@ def decode_options(settings: Settings):
     return DecodeOptions(chunk_size=settings.vae_chunk_size, reserve_gb=settings.vae_chunk_reserve_gb,
                          safety=settings.vae_chunk_safety, backend=backend,
                          chunk_multiplier=settings.chunk_size_multiplier, upscale_factor=settings.vae_upscale_factor,
-                         max_attention_tokens=settings.max_chunk_size,
+                         max_attention_tokens=settings.vae_attention_tokens,
                          tensorrt_cache_dir=settings.tensorrt_cache_dir, trt_workspace_mb=settings.trt_workspace_mb,
                          trt_max_aux_streams=settings.trt_max_aux_streams,
                          trt_max_cached_shapes=settings.trt_max_cached_shapes)

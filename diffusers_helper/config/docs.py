@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .load import (LoadedSettings, _default_of, _type_name, accepted, build_parser, load_settings,
                    setting_fields)
-from .schema import ACTIVE, SettingsError
+from .schema import ACTIVE, NOT_OFFERED, SettingsError
 
 
 def explain(loaded: LoadedSettings, all_settings: bool = False) -> str:
@@ -51,6 +51,9 @@ def docs_table() -> str:
         default = ",".join(default) if isinstance(default, list) else default
         out.append(f"| `{m['env']}` | {flags} | {_type_name(f)} | `{default!s}` | {accepted(f)} | {m['help']} "
                    f"| {status} |")
+    out += ["", "## not offered", "", "Recognised so that a value set for them is reported as having no effect, "
+            "never silently ignored.", "", "| variable | flags | why not |", "|---|---|---|"]
+    out += [f"| `{n.env}` | {' '.join(n.flags) or '-'} | {n.reason} |" for n in NOT_OFFERED]
     return "\n".join(out).strip() + "\n"
 
 

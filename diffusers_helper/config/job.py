@@ -71,9 +71,9 @@ class JobSettings:
                                       "(larger: faster, more VRAM).", env="FRAMEPACK_CHUNK_SIZE_MULTIPLIER",
                                       flags=["--chunk-size-multiplier"], min=0.5, max=3.0, step=0.1,
                                       section="performance")
-    max_chunk_size: int = _j(2048, "Max Chunk Size", "Query tokens per attention call in the VAE decoder.",
-                             env="FRAMEPACK_MAX_CHUNK_SIZE", flags=["--max-chunk-size"], min=1024, max=8192, step=256,
-                             section="performance")
+    vae_attention_tokens: int = _j(2048, "Max Chunk Size", "Query tokens per attention call in the VAE decoder.",
+                                   env="FRAMEPACK_MAX_CHUNK_SIZE", flags=["--max-chunk-size", "--vae-attention-tokens"],
+                                   min=1024, max=8192, step=256, section="performance", what="max chunk size")
     cpu_offload_threshold_gb: float = _j(6.0, "CPU Offload Threshold (GB)", "Swap models to the CPU only above this "
                                          "much VRAM in use.", env="FRAMEPACK_CPU_OFFLOAD_THRESHOLD",
                                          flags=["--cpu-offload-threshold"], min=0.0, max=128.0, step=0.5,

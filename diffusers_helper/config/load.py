@@ -13,7 +13,8 @@ from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-from .schema import (ACTIVE, CONFIG_ALIASES, FALSE_WORDS, PLANNED, TRUE_WORDS, Settings, SettingsError)
+from .schema import (ACTIVE, CONFIG_ALIASES, FALSE_WORDS, NOT_OFFERED, PLANNED, TRUE_WORDS, Settings,
+                     SettingsError)
 
 log = logging.getLogger("framepack.settings")
 
@@ -152,9 +153,13 @@ def _read_config(path: Path, by_name: dict, explicit: bool) -> dict[str, tuple[A
     if not isinstance(data, Mapping):
         raise SettingsError(f"config file {path} must be a mapping of setting names to values")
     values = {}
+    not_offered = {n.name: n for n in NOT_OFFERED}
     for dotted, value in _flatten(data).items():
         key = dotted.rsplit(".", 1)[-1]
         name = CONFIG_ALIASES.get(key, key)
+        if name in not_offered:
+            values[name] = (value, f"{path}:{dotted}")  # reported by load_settings as having no effect
+            continue
         if name not in by_name:
             near = difflib.get_close_matches(name, list(by_name), n=1)
             hint = f"; did you mean {near[0]!r}?" if near else ""
@@ -182,6 +187,10 @@ def build_parser(add_help: bool = True, prog: str | None = None, description: st
                                help=f"turn off: {m['help']}")
         else:
             p.add_argument(*m["flags"], dest=f.name, metavar=f.name.upper(), help=help_text)
+    for n in NOT_OFFERED:  # recognised so that a value is reported as having no effect, never silently dropped
+        if n.flags:
+            kwargs = dict(metavar="VALUE") if n.takes_value else dict(action="store_const", const="1")
+            p.add_argument(*n.flags, dest=f"not_offered:{n.name}", help=argparse.SUPPRESS, **kwargs)
     return p
 
 
@@ -198,13 +207,24 @@ def load_settings(argv: list[str] | None = None, env: Mapping[str, str] | None =
     sources = {name: Source("default") for name in by_name}
     warnings: list[str] = []
 
+    not_offered = {n.name: n for n in NOT_OFFERED}
+    ignored: list[tuple[str, str, object]] = []  # (name, where, value) of settings not offered here
     for name, (raw, where) in _read_config(cfg_path, by_name, explicit_config).items():
+        if name in not_offered:
+            ignored.append((name, where, raw))
+            continue
         values[name] = parse_value(by_name[name], raw, where)
         sources[name] = Source("config", where)
+    for n in NOT_OFFERED:
+        if n.env in env:
+            ignored.append((n.name, n.env, env[n.env]))
+        if f"not_offered:{n.name}" in args:
+            ignored.append((n.name, n.flags[0], args.pop(f"not_offered:{n.name}")))
 
     env_fields = _by_env()
+    offered_env = {n.env for n in NOT_OFFERED}
     for var, raw in env.items():
-        if not var.startswith("FRAMEPACK_"):
+        if not var.startswith("FRAMEPACK_") or var in offered_env:
             continue
         f = env_fields.get(var)
         if f is None:
@@ -231,6 +251,8 @@ def load_settings(argv: list[str] | None = None, env: Mapping[str, str] | None =
             label = m["env"] or name
             what = "not available in this version" if m["status"] == PLANNED else "not offered"
             warnings.append(f"{label}: {what} ({m['note']}); the value {values[name]!r} has no effect")
+    for name, where, raw in ignored:
+        warnings.append(f"{where}: not offered ({not_offered[name].reason}); the value {raw!r} has no effect")
     for var in ("PYTORCH_ENABLE_FLASH_SDP", "PYTORCH_ENABLE_MEM_EFFICIENT_SDP"):
         if var in env:
             torch_sdp_flag(env, var)  # a bad value stops start-up like any other

@@ -63,9 +63,9 @@ class Settings(JobSettings):
     placement: str = _s("auto", "FRAMEPACK_PLACEMENT", ["--placement"],
                         "model placement policy: auto, full or swap", choices=("auto", "full", "swap"),
                         group="memory")
-    use_memory_v2: bool = _s(False, "FRAMEPACK_USE_MEMORY_V2", ["--use-memory-v2"],
-                             "stream the transformer with pinned memory and prefetch (the swap policy)",
-                             group="memory")
+    stream_transformer: bool = _s(False, "FRAMEPACK_USE_MEMORY_V2", ["--use-memory-v2", "--stream-transformer"],
+                                  "stream the transformer with pinned memory and prefetch (the swap policy)",
+                                  group="memory")
     vae_device: str = _s("", "FRAMEPACK_VAE_DEVICE", ["--vae-device"],
                          "a device of its own for the VAE, e.g. cuda:1 (empty: the compute device); it then decodes "
                          "each section while the next one samples", group="memory")
@@ -78,10 +78,6 @@ class Settings(JobSettings):
     fp8_storage: bool = _s(False, "FRAMEPACK_FP8_STORAGE", ["--fp8-storage"],
                            "store transformer weights in FP8 and compute in bf16 (half the weight memory)",
                            group="memory")
-    bnb_cpu_offload: bool = _s(False, "FRAMEPACK_BNB_CPU_OFFLOAD", ["--bnb-cpu-offload"],
-                               "offload quantized models to CPU when idle", group="memory", status=UNSUPPORTED,
-                               note="the \"swap\" placement already moves a bitsandbytes transformer to the CPU "
-                                    "when another model needs the room")
 
     # -- speed: attention, compile, precision ------------------------------------------------------------
     xformers_mode: str = _s("standard", "FRAMEPACK_XFORMERS_MODE", ["--xformers-mode"],
@@ -99,29 +95,11 @@ class Settings(JobSettings):
     fast_start: bool = _s(False, "FRAMEPACK_FAST_START", ["--fast-start"],
                           "skip the compile warm-up and the optimized-model cache at start-up (the first job "
                           "compiles instead)", group="speed")
-    jit_mode: str = _s("off", "FRAMEPACK_JIT_MODE", ["--jit-mode"], "TorchScript mode",
-                       choices=("off", "trace", "script"), group="speed", status=UNSUPPORTED,
-                       note="TorchScript is deprecated in PyTorch and cannot trace diffusers' hooked transformer; "
-                            "use FRAMEPACK_ENABLE_COMPILE=1")
-    jit_artifact: str = _s("", "FRAMEPACK_JIT_ARTIFACT", [], "TorchScript file", group="speed", kind="path",
-                           status=UNSUPPORTED, note="TorchScript is not offered (see jit_mode)")
-    jit_save: str = _s("", "FRAMEPACK_JIT_SAVE", [], "save a traced model", group="speed", kind="path",
-                       status=UNSUPPORTED, note="TorchScript is not offered (see jit_mode)")
-    jit_load: str = _s("", "FRAMEPACK_JIT_LOAD", [], "load a traced model", group="speed", kind="path",
-                       status=UNSUPPORTED, note="TorchScript is not offered (see jit_mode)")
-    jit_strict: bool = _s(False, "FRAMEPACK_JIT_STRICT", [], "strict TorchScript shapes", group="speed",
-                          status=UNSUPPORTED, note="TorchScript is not offered (see jit_mode)")
-    enforce_low_precision: bool = _s(False, "FRAMEPACK_ENFORCE_LOW_PRECISION", ["--enforce-low-precision"],
-                                     "cast every model to bf16/fp16 (no float32 layers)", group="speed",
-                                     status=PLANNED, note=_LATER)
     tf32: bool = _s(True, "FRAMEPACK_TF32", ["--tf32"], "TF32 matmuls for float32 work on Ampere+",
                     group="speed", negative_flags=["--no-tf32"])
     cudnn_benchmark: bool = _s(True, "FRAMEPACK_CUDNN_BENCHMARK", ["--cudnn-benchmark"],
                                "let cuDNN pick the fastest convolution (VAE) per shape", group="speed",
                                negative_flags=["--no-cudnn-benchmark"])
-    enable_prune: bool = _s(False, "FRAMEPACK_ENABLE_PRUNE", ["--enable-prune"], "remove transformer layers",
-                            group="speed", status=UNSUPPORTED,
-                            note="removing layers of a distilled 13B model changes its output; not offered")
 
     # -- quantization ---------------------------------------------------------------------------------------
     enable_fp8: bool = _s(False, "FRAMEPACK_ENABLE_FP8", ["--enable-fp8"], "row-wise FP8 linears in the transformer blocks (FP8 matmuls on Ada/Hopper+)",
@@ -143,10 +121,6 @@ class Settings(JobSettings):
                        group="quant")
     bnb_load_in_4bit: bool = _s(False, "FRAMEPACK_BNB_LOAD_IN_4BIT", ["--bnb-load-in-4bit"],
                                 "bitsandbytes 4-bit (NF4) instead of 8-bit", group="quant")
-    bnb_device_map: str = _s("auto", "FRAMEPACK_BNB_DEVICE_MAP", ["--bnb-device-map"], "bitsandbytes placement",
-                             choices=("auto", "cpu", "balanced"), group="quant", status=UNSUPPORTED,
-                             note="the memory manager places the bitsandbytes transformer (on the GPU, moved whole "
-                                  "when room is needed); its kernels cannot run on the CPU")
     bnb_double_quant: bool = _s(False, "FRAMEPACK_BNB_DOUBLE_QUANT", ["--bnb-double-quant"],
                                 "bitsandbytes nested quantization", group="quant")
     enable_opt_cache: bool = _s(False, "FRAMEPACK_ENABLE_OPT_CACHE", ["--enable-opt-cache"],
@@ -170,20 +144,6 @@ class Settings(JobSettings):
                                   status=PLANNED, note=_LATER)
     fbcache_verbose: bool = _s(False, "FRAMEPACK_FBCACHE_VERBOSE", [], "log first-block cache decisions",
                                group="caches", status=PLANNED, note=_LATER)
-    enable_sim_cache: bool = _s(False, "FRAMEPACK_ENABLE_SIM_CACHE", ["--enable-sim-cache"],
-                                "similarity cache", group="caches", negative_flags=["--disable-sim-cache"],
-                                status=UNSUPPORTED, note="TeaCache (and the first-block cache) cover step reuse; a "
-                                "cosine-similarity cache of whole outputs has no published FramePack calibration")
-    sim_cache_threshold: float = _s(0.9, "FRAMEPACK_SIM_CACHE_THRESHOLD", [], "cosine threshold", min=0.0,
-                                    max=1.0, group="caches", status=UNSUPPORTED, note="see enable_sim_cache")
-    sim_cache_max_skip: int = _s(1, "FRAMEPACK_SIM_CACHE_MAX_SKIP", [], "max blocks to skip", min=0, max=100,
-                                 group="caches", status=UNSUPPORTED, note="see enable_sim_cache")
-    sim_cache_max_entries: int = _s(12, "FRAMEPACK_SIM_CACHE_MAX_ENTRIES", [], "cache size", min=1, max=1000,
-                                    group="caches", status=UNSUPPORTED, note="see enable_sim_cache")
-    sim_cache_use_faiss: bool = _s(False, "FRAMEPACK_SIM_CACHE_USE_FAISS", [], "FAISS search", group="caches",
-                                   status=UNSUPPORTED, note="see enable_sim_cache")
-    sim_cache_verbose: bool = _s(False, "FRAMEPACK_SIM_CACHE_VERBOSE", [], "debug logging", group="caches",
-                                 status=UNSUPPORTED, note="see enable_sim_cache")
     enable_kv_cache: bool = _s(False, "FRAMEPACK_ENABLE_KV_CACHE", ["--enable-kv-cache"],
                                "cache the text tokens' keys/values across steps", group="caches",
                                negative_flags=["--disable-kv-cache"], status=PLANNED, note=_LATER)
@@ -227,35 +187,7 @@ class Settings(JobSettings):
                                   group="tensorrt")
     trt_max_cached_shapes: int = _s(8, "FRAMEPACK_TRT_MAX_CACHED_SHAPES", [], "engines kept per shape cache",
                                     min=1, max=256, group="tensorrt")
-    trt_transformer: bool = _s(False, "FRAMEPACK_TRT_TRANSFORMER", [], "TensorRT transformer", group="tensorrt",
-                               status=UNSUPPORTED, note="the 13B transformer with its history inputs does not "
-                               "export to a static TensorRT engine; torch.compile and FP8 are the transformer path")
-    trt_text_encoders: bool = _s(False, "FRAMEPACK_TRT_TEXT_ENCODERS", [], "TensorRT text encoders",
-                                 group="tensorrt", status=UNSUPPORTED,
-                                 note="text encoding runs once per job (well under 1% of the time)")
-    use_onnx_engines: bool = _s(False, "FRAMEPACK_USE_ONNX_ENGINES", [], "pre-built ONNX engines",
-                                group="tensorrt", status=UNSUPPORTED, note="see trt_transformer")
-    onnx_trt_enable: bool = _s(False, "FRAMEPACK_ONNX_TRT_ENABLE", [], "ONNX Runtime TensorRT provider",
-                               group="tensorrt", status=UNSUPPORTED, note="see trt_transformer")
-    onnx_trt_fp16: bool = _s(True, "FRAMEPACK_ONNX_TRT_FP16", [], "ONNX TRT fp16", group="tensorrt",
-                             status=UNSUPPORTED, note="see trt_transformer")
-    onnx_trt_int8: bool = _s(False, "FRAMEPACK_ONNX_TRT_INT8", [], "ONNX TRT int8", group="tensorrt",
-                             status=UNSUPPORTED, note="see trt_transformer")
-    onnx_trt_device_id: int = _s(0, "FRAMEPACK_ONNX_TRT_DEVICE_ID", [], "ONNX TRT GPU", min=0, max=63,
-                                 group="tensorrt", status=UNSUPPORTED, note="see trt_transformer")
-    onnx_trt_workspace_mb: int = _s(4096, "FRAMEPACK_ONNX_TRT_WORKSPACE_MB", [], "ONNX TRT workspace", min=256,
-                                    max=1 << 20, group="tensorrt", status=UNSUPPORTED, note="see trt_transformer")
-    onnx_trt_cache_dir: str = _s("cache/onnx_trt_cache", "FRAMEPACK_ONNX_TRT_CACHE_DIR", [], "ONNX TRT cache",
-                                 group="tensorrt", kind="path", status=UNSUPPORTED, note="see trt_transformer")
 
-    # -- loading ------------------------------------------------------------------------------------------------
-    parallel_loaders: int = _s(1, "FRAMEPACK_PARALLEL_LOADERS", [], "threads loading model parts", min=1, max=16,
-                               group="loading", status=PLANNED, note=_LATER)
-    preload_repos: bool = _s(False, "FRAMEPACK_PRELOAD_REPOS", [], "download every repo at start-up",
-                             group="loading", status=PLANNED, note=_LATER)
-    force_parallel_loaders: bool = _s(False, "FRAMEPACK_FORCE_PARALLEL_LOADERS", [],
-                                      "parallel loading even when RAM is short", group="loading", status=PLANNED,
-                                      note=_LATER)
 
 
 # Names other tools use for the same setting (the seeds' config.yaml keys); resolved on read.
@@ -264,8 +196,10 @@ CONFIG_ALIASES = {
     "gpu_memory_preservation": "gpu_memory_preservation_gb",
     "enable_torch_compile": "enable_compile",
     "torch_compile_mode": "compile_mode",
-    "enable_cpu_offload": "use_memory_v2",
-    "low_vram": "use_memory_v2",
+    "use_memory_v2": "stream_transformer",
+    "max_chunk_size": "vae_attention_tokens",
+    "enable_cpu_offload": "stream_transformer",
+    "low_vram": "stream_transformer",
 }
 # Plain PyTorch variables the seeds tell users to set; read here so they are not silently ignored.
 TORCH_ENV = {
@@ -275,3 +209,51 @@ TORCH_ENV = {
 }
 
 
+@dataclass(frozen=True)
+class NotOffered:
+    """A setting other FramePack builds have that this one deliberately does not: it is still recognised (so a
+    value set for it is never silently ignored), warns that it has no effect, and is listed with its reason."""
+
+    name: str
+    env: str
+    flags: tuple[str, ...] = ()
+    reason: str = ""
+    takes_value: bool = True
+
+
+_TORCHSCRIPT = "TorchScript is deprecated in PyTorch and cannot trace diffusers' hooked transformer; use FRAMEPACK_ENABLE_COMPILE=1"
+_SIM = ("TeaCache and the step caches cover step reuse; a cosine-similarity cache of whole outputs has no published "
+        "FramePack calibration")
+_TRT = ("the 13B transformer with its history inputs does not export to a static TensorRT engine; torch.compile and "
+        "FP8 are the transformer path (the VAE has FRAMEPACK_ENABLE_TENSORRT)")
+_LOADERS = "model parts load one after another; parallel loading has not been built or measured"
+NOT_OFFERED = [
+    NotOffered("jit_mode", "FRAMEPACK_JIT_MODE", ("--jit-mode",), _TORCHSCRIPT),
+    NotOffered("jit_artifact", "FRAMEPACK_JIT_ARTIFACT", (), _TORCHSCRIPT),
+    NotOffered("jit_save", "FRAMEPACK_JIT_SAVE", (), _TORCHSCRIPT),
+    NotOffered("jit_load", "FRAMEPACK_JIT_LOAD", (), _TORCHSCRIPT),
+    NotOffered("jit_strict", "FRAMEPACK_JIT_STRICT", (), _TORCHSCRIPT),
+    NotOffered("enforce_low_precision", "FRAMEPACK_ENFORCE_LOW_PRECISION", ("--enforce-low-precision",),
+               "every model already loads in bf16 or fp16; the float32 layers left are the ones diffusers keeps in "
+               "float32 for accuracy", takes_value=False),
+    NotOffered("enable_prune", "FRAMEPACK_ENABLE_PRUNE", ("--enable-prune",),
+               "removing layers of a distilled 13B model changes its output", takes_value=False),
+    NotOffered("bnb_cpu_offload", "FRAMEPACK_BNB_CPU_OFFLOAD", ("--bnb-cpu-offload",),
+               "the swap placement already moves a bitsandbytes transformer to the CPU when another model needs the "
+               "room", takes_value=False),
+    NotOffered("bnb_device_map", "FRAMEPACK_BNB_DEVICE_MAP", ("--bnb-device-map",),
+               "the memory manager places the bitsandbytes transformer; its kernels cannot run on the CPU"),
+    NotOffered("enable_sim_cache", "FRAMEPACK_ENABLE_SIM_CACHE", ("--enable-sim-cache", "--disable-sim-cache"), _SIM,
+               takes_value=False),
+    *(NotOffered(n, f"FRAMEPACK_{n.upper()}", (), _SIM) for n in (
+        "sim_cache_threshold", "sim_cache_max_skip", "sim_cache_max_entries", "sim_cache_use_faiss",
+        "sim_cache_verbose")),
+    NotOffered("trt_transformer", "FRAMEPACK_TRT_TRANSFORMER", (), _TRT),
+    NotOffered("trt_text_encoders", "FRAMEPACK_TRT_TEXT_ENCODERS", (),
+               "text encoding runs once per job, well under 1% of its time"),
+    *(NotOffered(n, f"FRAMEPACK_{n.upper()}", (), _TRT) for n in (
+        "use_onnx_engines", "onnx_trt_enable", "onnx_trt_fp16", "onnx_trt_int8", "onnx_trt_device_id",
+        "onnx_trt_workspace_mb", "onnx_trt_cache_dir")),
+    *(NotOffered(n, f"FRAMEPACK_{n.upper()}", (), _LOADERS) for n in (
+        "parallel_loaders", "preload_repos", "force_parallel_loaders")),
+]

@@ -118,7 +118,7 @@ class Engine:
         base = self.base_decode_options
         self.decoder.options = replace(
             base, chunk_multiplier=request.chunk_size_multiplier * (2.0 if aggressive else 1.0),
-            max_attention_tokens=request.max_chunk_size, reserve_gb=min(base.reserve_gb, 0.5) if aggressive
+            max_attention_tokens=request.vae_attention_tokens, reserve_gb=min(base.reserve_gb, 0.5) if aggressive
             else base.reserve_gb)
         if aggressive:
             log.info("Aggressive mode: Larger chunks and higher memory utilization enabled")
