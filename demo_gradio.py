@@ -181,7 +181,8 @@ def build_app(app: App) -> gr.Blocks:
                 image = gr.Image(sources=["upload"], type="numpy", label="Image", height=320, elem_id="input-image")
                 prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt")
                 quick = gr.Dataset(samples=[[p] for p in QUICK_PROMPTS], label="Quick prompts", components=[prompt])
-                quick.click(lambda x: x[0], inputs=[quick], outputs=prompt, show_progress="hidden", queue=False, api_visibility="private")
+                quick.click(lambda x: x[0], inputs=[quick], outputs=prompt, show_progress="hidden", queue=False,
+                            api_visibility="private")
                 with gr.Row():
                     start_btn = gr.Button("Start Generation", variant="primary", elem_id="start")
                     stop_btn = gr.Button("End Generation", interactive=False, elem_id="stop")

@@ -47,7 +47,8 @@ def build_parser(defaults=None) -> argparse.ArgumentParser:
                 jobs.add_argument(*m["flags"], dest=f.name, action="store_true", default=default,
                                   help=f"{m['help']} (default: {'on' if default else 'off'})")
             if m["negative_flags"]:
-                jobs.add_argument(*m["negative_flags"], dest=f.name, action="store_false", help=f"turn off: {m['label']}")
+                jobs.add_argument(*m["negative_flags"], dest=f.name, action="store_false",
+                                  help=f"turn off: {m['label']}")
         else:
             jobs.add_argument(*m["flags"], dest=f.name, type={"int": int, "float": float}[f.type], default=default,
                               metavar=f.name.upper(), help=f"{m['help']}{limits}; default {default}")

@@ -7,9 +7,34 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE_DIR = REPO.parent / "shared" / "fixtures" / "framepack-parity"
+
+
+class FakeModel(torch.nn.Module):
+    """Stands for a model in placement tests: records moves instead of moving; `size` stands for its bytes."""
+
+    def __init__(self, gb: float = 0.0):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.empty(0))
+        self.size = int(gb * 1024**3)
+        self.on = "cpu"
+        self.moves: list[str] = []
+
+    def to(self, device):
+        self.on = str(device)
+        self.moves.append(self.on)
+        return self
+
+
+class FakeBundle:
+    def __init__(self, **models):
+        self._models = models
+
+    def models(self):
+        return self._models
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,7 @@ import logging
 import pytest
 import torch
 
+from conftest import FakeBundle, FakeModel
 from diffusers_helper.pipeline.engine import Engine
 from diffusers_helper.pipeline.events import Failed, Finished
 from diffusers_helper.models.loading import load_models
@@ -15,26 +16,6 @@ from diffusers_helper.pipeline.sampling import Guidance, sample_section
 from diffusers_helper.models.tiny import tiny_spec
 
 GB = 1024**3
-
-
-class _Model(torch.nn.Module):
-    def __init__(self, gb: float):
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.empty(0))
-        self.size = int(gb * GB)
-        self.on = "cpu"
-
-    def to(self, device):  # record moves instead of moving
-        self.on = str(device)
-        return self
-
-
-class _Bundle:
-    def __init__(self, **models):
-        self._models = models
-
-    def models(self):
-        return self._models
 
 
 @pytest.fixture
@@ -50,7 +31,7 @@ def swap(monkeypatch):
 
 def test_swap_offloads_other_models_by_default(swap):
     placement, _ = swap
-    bundle = _Bundle(vae=_Model(1), image_encoder=_Model(1), text_encoder_2=_Model(0.5))
+    bundle = FakeBundle(vae=FakeModel(1), image_encoder=FakeModel(1), text_encoder_2=FakeModel(0.5))
     bundle.models()["image_encoder"].on = "cuda"
     placement.memory = MemoryPolicy()
     assert placement.use(bundle, "vae") == ["image_encoder"]
@@ -59,7 +40,7 @@ def test_swap_offloads_other_models_by_default(swap):
 
 def test_keep_models_in_gpu_never_offloads(swap):
     placement, _ = swap
-    bundle = _Bundle(vae=_Model(1), image_encoder=_Model(1))
+    bundle = FakeBundle(vae=FakeModel(1), image_encoder=FakeModel(1))
     bundle.models()["image_encoder"].on = "cuda"
     placement.memory = MemoryPolicy(keep_loaded=True)
     assert placement.use(bundle, "vae") == []
@@ -68,7 +49,7 @@ def test_keep_models_in_gpu_never_offloads(swap):
 
 def test_cpu_offload_threshold_and_preservation(swap):
     placement, state = swap
-    bundle = _Bundle(vae=_Model(1), image_encoder=_Model(1))
+    bundle = FakeBundle(vae=FakeModel(1), image_encoder=FakeModel(1))
     bundle.models()["image_encoder"].on = "cuda"
     # 4 GB used + 1 GB needed stays under an 8 GB threshold, and 10 - 1 GB free stays above 6 GB preserved
     placement.memory = MemoryPolicy(offload_threshold_gb=8, preserve_gb=6)

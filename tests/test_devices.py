@@ -6,6 +6,7 @@ import time
 import pytest
 import torch
 
+from conftest import FakeBundle, FakeModel
 from diffusers_helper.memory.placement import Placement, check_device, model_devices
 from diffusers_helper.models.loading import load_models
 from diffusers_helper.models.tiny import build_tiny_transformer, tiny_spec
@@ -46,28 +47,9 @@ def test_declared_devices(monkeypatch):
     assert placement.describe() == "image_encoder, transformer, vae on cuda:0; text_encoder, text_encoder_2 on cuda:1"
 
 
-class _Model(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.zeros(1))
-        self.moves = []
-
-    def to(self, device):
-        self.moves.append(str(device))
-        return self
-
-
-class _Bundle:
-    def __init__(self, **models):
-        self._models = models
-
-    def models(self):
-        return self._models
-
-
 def test_own_device_models_are_placed_once_and_never_offloaded():
-    vae, llama, clip = _Model(), _Model(), _Model()
-    bundle = _Bundle(vae=vae, text_encoder_2=clip, image_encoder=llama)
+    vae, llama, clip = FakeModel(), FakeModel(), FakeModel()
+    bundle = FakeBundle(vae=vae, text_encoder_2=clip, image_encoder=llama)
     placement = Placement(torch.device("cpu"), "swap", probe=lambda: (0, 1 << 40), devices={"vae": OTHER})
     placement.prepare(bundle)
     assert vae.moves == [str(OTHER)]

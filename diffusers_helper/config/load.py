@@ -260,7 +260,7 @@ def load_settings(argv: list[str] | None = None, env: Mapping[str, str] | None =
 
 
 def torch_sdp_flag(env: Mapping[str, str], var: str) -> bool | None:
-    """The seeds' PYTORCH_ENABLE_*_SDP switches: None when unset, else the boolean."""
+    """PyTorch's PYTORCH_ENABLE_*_SDP switches: None when unset, else the boolean."""
     if var not in env:
         return None
     word = env[var].strip().lower()

@@ -102,7 +102,8 @@ class Settings(JobSettings):
                                negative_flags=["--no-cudnn-benchmark"])
 
     # -- quantization ---------------------------------------------------------------------------------------
-    enable_fp8: bool = _s(False, "FRAMEPACK_ENABLE_FP8", ["--enable-fp8"], "row-wise FP8 linears in the transformer blocks (FP8 matmuls on Ada/Hopper+)",
+    enable_fp8: bool = _s(False, "FRAMEPACK_ENABLE_FP8", ["--enable-fp8"],
+                          "row-wise FP8 linears in the transformer blocks (FP8 matmuls on Ada/Hopper+)",
                           group="quant")
     fp8_target_keys: list = _s([], "FRAMEPACK_FP8_TARGET_KEYS", ["--fp8-target-keys"],
                                "comma-separated module-name parts to convert (empty: all linears)", group="quant",
@@ -173,7 +174,8 @@ class Settings(JobSettings):
                                      min=0.0, max=128.0, group="vae")
     vae_chunk_safety: float = _s(1.2, "FRAMEPACK_VAE_CHUNK_SAFETY", [], "multiplier on the estimated chunk memory",
                                  min=1.0, max=4.0, group="vae")
-    vae_upscale_factor: int = _s(8, "FRAMEPACK_VAE_UPSCALE_FACTOR", [], "pixels per latent in the decode memory estimate (the VAE's 8x)",
+    vae_upscale_factor: int = _s(8, "FRAMEPACK_VAE_UPSCALE_FACTOR", [],
+                                 "pixels per latent in the decode memory estimate (the VAE's 8x)",
                                  choices=(8,), group="vae")
 
     # -- TensorRT / ONNX ----------------------------------------------------------------------------------------
@@ -190,7 +192,7 @@ class Settings(JobSettings):
 
 
 
-# Names other tools use for the same setting (the seeds' config.yaml keys); resolved on read.
+# Names other FramePack builds use for the same setting in config.yaml; resolved on read.
 CONFIG_ALIASES = {
     "video_length": "seconds",
     "gpu_memory_preservation": "gpu_memory_preservation_gb",
@@ -201,7 +203,7 @@ CONFIG_ALIASES = {
     "enable_cpu_offload": "stream_transformer",
     "low_vram": "stream_transformer",
 }
-# Plain PyTorch variables the seeds tell users to set; read here so they are not silently ignored.
+# Plain PyTorch variables FramePack guides tell users to set; read here so they are not silently ignored.
 TORCH_ENV = {
     "PYTORCH_ENABLE_FLASH_SDP": "flash attention kernel of PyTorch SDPA (0 disables it)",
     "PYTORCH_ENABLE_MEM_EFFICIENT_SDP": "memory-efficient kernel of PyTorch SDPA (0 disables it)",
@@ -221,7 +223,8 @@ class NotOffered:
     takes_value: bool = True
 
 
-_TORCHSCRIPT = "TorchScript is deprecated in PyTorch and cannot trace diffusers' hooked transformer; use FRAMEPACK_ENABLE_COMPILE=1"
+_TORCHSCRIPT = ("TorchScript is deprecated in PyTorch and cannot trace diffusers' hooked transformer; use "
+                "FRAMEPACK_ENABLE_COMPILE=1")
 _SIM = ("TeaCache and the step caches cover step reuse; a cosine-similarity cache of whole outputs has no published "
         "FramePack calibration")
 _TRT = ("the 13B transformer with its history inputs does not export to a static TensorRT engine; torch.compile and "
