@@ -337,12 +337,12 @@ def create(argv=None) -> tuple[gr.Blocks, App, Settings]:
     else:
         labels = {"FramePack": "framepack", "FramePack-F1": "f1"}
     labels = dict(sorted(labels.items(), key=lambda kv: kv[1] != model))  # the chosen model first
-    provider = engine_provider(s)
-    log.info("Loading %s models before the UI starts", model)
     try:
+        provider = engine_provider(s)  # checks the devices
+        log.info("Loading %s models before the UI starts", model)
         provider.get(model)
-    except WeightsMissingError as exc:
-        log.error("%s", exc)
+    except (WeightsMissingError, ValueError) as exc:
+        print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
         raise SystemExit(2) from None
     app = App(queue=JobQueue(provider), outputs_dir=Path(s.output_dir), model_labels=labels, defaults=s)
     return build_app(app), app, s

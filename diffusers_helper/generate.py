@@ -103,9 +103,9 @@ def main(argv: list[str] | None = None) -> int:
 
     for line in apply_runtime_flags(loaded.settings):
         logging.getLogger("framepack.startup").info(line)
-    provider = engine_provider(loaded.settings, models_dir=args.models_dir, offline=True if args.offline else None,
-                               device=args.device, outputs_dir=args.output)
     try:
+        provider = engine_provider(loaded.settings, models_dir=args.models_dir,
+                                   offline=True if args.offline else None, device=args.device, outputs_dir=args.output)
         engine = provider.get(args.model)
     except (WeightsMissingError, ValueError) as exc:
         print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)

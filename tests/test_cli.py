@@ -51,6 +51,7 @@ def _bad(capsys, argv):
     (["--steps", "0"], "steps must be"),
     (["--steps", "-3"], "steps must be"),
     (["--model", "sdxl"], "unknown model 'sdxl'"),
+    (["--device", "quantum"], "device 'quantum' is not a device"),
 ])
 def test_bad_numbers_and_model(capsys, tmp_path, image_file, extra, message):
     code, err = _bad(capsys, ["--image", str(image_file), "--prompt", "x", "--model", "tiny",

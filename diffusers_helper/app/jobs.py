@@ -210,8 +210,14 @@ class JobQueue:
             if job.cancel.cancelled:
                 self._on_event(job, Cancelled(None, None))
                 continue
-            engine.generate(job.request, lambda e, job=job: self._on_event(job, e), job.cancel,
-                            job_id=job.snapshot.job_id)
+            try:
+                engine.generate(job.request, lambda e, job=job: self._on_event(job, e), job.cancel,
+                                job_id=job.snapshot.job_id)
+            except Exception as exc:  # noqa: BLE001 - one job fails, the queue goes on with the next
+                log.exception("Job %s failed outside the engine's own handling", job.snapshot.job_id)
+                self._on_event(job, Failed(f"{exc.__class__.__name__}: {exc}".splitlines()[0], None, None))
+            if job.snapshot.state not in ENDED:  # the engine ended without a terminal event
+                self._on_event(job, Failed("the job ended without a result", None, None))
 
 
 def past_jobs(outputs_dir: str | Path, limit: int = 50) -> list[dict]:

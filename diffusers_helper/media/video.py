@@ -6,6 +6,7 @@ leaves a half-written file that looks finished.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -71,3 +72,15 @@ def read_video_info(path: Path) -> tuple[int, float, tuple[int, int]]:
         stream = container.streams.video[0]
         count = sum(1 for _ in container.decode(stream))
         return count, float(stream.average_rate), (stream.height, stream.width)
+
+
+WRITE_ERRORS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+                errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+                errno.EROFS: "the file system is read-only"}
+
+
+def describe_write_error(exc: OSError) -> str:
+    """One line for a failed write: the file's name (never its server path) and why."""
+    reason = WRITE_ERRORS.get(exc.errno, exc.strerror or exc.__class__.__name__)
+    name = Path(exc.filename).name if exc.filename else "the output files"
+    return f"Could not write {name}: {reason}"

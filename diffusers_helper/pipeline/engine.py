@@ -25,8 +25,7 @@ from .buckets import find_nearest_bucket, resize_and_center_crop
 from .conditioning import encode_prompt, image_to_tensor, siglip_embed, vae_encode
 from ..vae.decode import SectionDecoder, VideoAccumulator
 from .finisher import SectionFinisher
-from .events import (TERMINAL, Cancelled, Event, Failed, Finished, SectionFinished, Stage,
-                     StepProgress)
+from .events import TERMINAL, Cancelled, Event, Failed, Finished, Stage, StepProgress
 from ..memory.placement import MemoryPolicy, Placement
 from ..media.preview import latent_preview
 from .request import GenerationRequest, InputError
@@ -34,7 +33,7 @@ from .sampling import CancelToken, Guidance, JobCancelled, StepInfo, draw_noise,
 from .sections import SectionSchedule, frame_count, section_count
 from .prepare import TransformerPlan, prepare_transformer
 from ..vae.plan import DecodeOptions
-from ..media.video import write_json, write_mp4, write_png
+from ..media.video import describe_write_error, write_json, write_mp4, write_png
 
 log = logging.getLogger("framepack.engine")
 
@@ -213,10 +212,17 @@ class Engine:
             return (files.video, files.sidecar) if files is not None else (None, None)
 
         def finish(event: Event, status: str, error: str | None = None) -> Event:
+            """Record the outcome in the sidecar, then emit it; a sidecar that cannot be written fails a job that
+            would have finished, but never stops the terminal event from reaching the caller."""
             if files is not None:
                 record.update(status=status, error=error, video=str(files.video) if files.video else None,
                               elapsed_s=round(time.perf_counter() - t0, 3))
-                write_json(record, files.sidecar)
+                try:
+                    write_json(record, files.sidecar)
+                except OSError as exc:
+                    log.error("Writing the sidecar failed: %s", exc)
+                    if isinstance(event, Finished):
+                        event = Failed(f"{describe_write_error(exc)}; the video was kept", files.video, None)
             emit(event)
             return event
 
@@ -246,6 +252,10 @@ class Engine:
                 log.error("CUDA out of memory:\n%s", traceback.format_exc())
                 msg = ("Out of GPU memory. Increase 'GPU memory preservation', shorten the video or close other "
                        "GPU programs; the sections finished so far were kept.")
+                return finish(Failed(msg, *kept()), "failed", msg)
+            except OSError as exc:  # a full disk, a read-only or forbidden output folder
+                log.error("Job failed:\n%s", traceback.format_exc())
+                msg = describe_write_error(exc) + ("; the sections finished so far were kept" if kept()[0] else "")
                 return finish(Failed(msg, *kept()), "failed", msg)
             except Exception as exc:  # noqa: BLE001 - the user gets one line, the log gets the trace
                 log.error("Job failed:\n%s", traceback.format_exc())
@@ -347,7 +357,15 @@ def iter_events(engine: Engine, request: GenerationRequest, cancel: CancelToken 
                 job_id: str | None = None) -> Iterator[Event]:
     """Run `engine.generate` on a worker thread and yield its events until the terminal one."""
     events: queue.Queue = queue.Queue()
-    worker = threading.Thread(target=engine.generate, args=(request, events.put, cancel, job_id), daemon=True)
+
+    def run() -> None:
+        try:
+            engine.generate(request, events.put, cancel, job_id)
+        except BaseException as exc:  # noqa: BLE001 - the consumer must get a terminal event, never wait forever
+            log.exception("The job's thread failed")
+            events.put(Failed(f"{exc.__class__.__name__}: {exc}".splitlines()[0], None, None))
+
+    worker = threading.Thread(target=run, daemon=True)
     worker.start()
     while True:
         event = events.get()
