@@ -163,7 +163,7 @@ def render(app: App, seen: dict):
 
 def gallery_items(app: App) -> tuple[list, list[dict]]:
     records = past_jobs(app.outputs_dir)
-    return [(r["video"], f"{r.get('job_id', '')}: {r['settings'].get('prompt', '')[:40]}") for r in records], records
+    return [(r["video"], f"{r.get('job_id', '')}: {str(r['settings'].get('prompt', ''))[:40]}") for r in records], records
 
 
 # -- the page --------------------------------------------------------------------------------------------------
@@ -178,7 +178,8 @@ def build_app(app: App) -> gr.Blocks:
         records = gr.State([])
         with gr.Row():
             with gr.Column():
-                image = gr.Image(sources=["upload"], type="numpy", label="Image", height=320, elem_id="input-image")
+                image = gr.Image(sources=["upload"], type="filepath", label="Image", height=320,
+                                 elem_id="input-image")
                 prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt")
                 quick = gr.Dataset(samples=[[p] for p in QUICK_PROMPTS], label="Quick prompts", components=[prompt])
                 quick.click(lambda x: x[0], inputs=[quick], outputs=prompt, show_progress="hidden", queue=False,
@@ -241,6 +242,8 @@ def build_app(app: App) -> gr.Blocks:
         def on_cancel(job_id):
             if not job_id:
                 return "Choose a job to cancel."
+            if not isinstance(job_id, str) or app.queue.get(job_id) is None:
+                return f"Unknown job `{str(job_id)[:64]}`."
             return f"Cancelled job `{job_id}`." if app.queue.cancel(job_id) else f"Job `{job_id}` already ended."
 
         def on_refresh():
@@ -301,8 +304,8 @@ def _api(app: App) -> None:
 
     def job_status(job_id: str) -> dict:
         """State, progress and video of one job."""
-        snap = app.queue.get(job_id)
-        return _snapshot_dict(snap) if snap else {"state": "unknown", "error": f"no job {job_id!r}"}
+        snap = app.queue.get(job_id) if isinstance(job_id, str) else None
+        return _snapshot_dict(snap) if snap else {"state": "unknown", "error": f"no job {str(job_id)[:64]!r}"}
 
     def queue() -> list[dict]:
         """Every job of this session, oldest first."""
@@ -314,12 +317,25 @@ def _api(app: App) -> None:
 
 
 def _file_path(value) -> str | None:
-    """gradio_client sends uploaded files as FileData (or its dict form); plain paths work too."""
+    """The path of a file the client uploaded (gradio_client sends FileData, or its dict form). Anything else,
+    a plain server path included, is refused: the server never opens a file a client did not upload."""
     if value is None:
         return None
-    if isinstance(value, dict):
-        return value.get("path")
-    return getattr(value, "path", value)
+    path = value.get("path") if isinstance(value, dict) else getattr(value, "path", None)
+    if not isinstance(path, str) or not _uploaded(path):
+        raise InputError("the image must be an uploaded file (gradio_client: handle_file(...))")
+    return path
+
+
+def _uploaded(path: str) -> bool:
+    """Inside Gradio's upload folder, where every uploaded file is stored."""
+    from gradio.utils import get_upload_folder
+
+    try:
+        Path(path).resolve().relative_to(Path(get_upload_folder()).resolve())
+    except ValueError:
+        return False
+    return True
 
 
 def _snapshot_dict(snap: JobSnapshot) -> dict:

@@ -92,6 +92,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
+    from .app.startup import output_dir_problem
+
+    problem = output_dir_problem(args.output)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
     # Heavy imports only after the input is known to be good.
     from tqdm import tqdm
 

@@ -247,3 +247,34 @@ def test_api_parameters_are_named_after_the_job_fields(app_url, image_file):
     assert (settings["prompt"], settings["mp4_crf"], settings["steps"]) == ("named", 30, 2)
     bad = client.predict(image=handle_file(str(image_file)), prompt="x", steps=2.7, api_name="/generate")
     assert bad["state"] == "rejected" and bad["error"] == "steps must be a whole number, got 2.7"
+
+
+def _raw_call(url: str, api: str, data: list):
+    """Call a named endpoint over plain HTTP, as any client can: no gradio_client helping with uploads."""
+    import json
+
+    request = urllib.request.Request(f"{url}gradio_api/call/{api}", data=json.dumps({"data": data}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    event_id = json.loads(urllib.request.urlopen(request, timeout=30).read())["event_id"]
+    body = urllib.request.urlopen(f"{url}gradio_api/call/{api}/{event_id}", timeout=120).read().decode()
+    if "event: complete" not in body:
+        return None  # refused before our code ran (Gradio's own file checks)
+    lines = [line for line in body.splitlines() if line.startswith("data:")]
+    return json.loads(lines[-1][5:])
+
+
+def test_the_api_opens_only_uploaded_files_and_checks_job_ids(app_url, image_file):
+    from gradio_client import Client
+
+    from diffusers_helper.config import job_fields
+
+    url, _ = app_url
+    values = [{"seconds": 1.0, "steps": 1}.get(f.name, f.default) for f in job_fields()]
+    (result,) = _raw_call(url, "generate", [str(image_file), "x", "", "", *values])  # a plain server path
+    assert result["state"] == "rejected" and "must be an uploaded file" in result["error"], result
+    assert str(image_file.parent) not in result["error"]
+    as_file_data = {"path": str(image_file), "meta": {"_type": "gradio.FileData"}}  # not uploaded: Gradio refuses
+    assert _raw_call(url, "generate", [as_file_data, "x", "", "", *values]) is None
+    client = Client(url, verbose=False)
+    assert client.predict(["a", "list"], api_name="/job_status")["state"] == "unknown"
+    assert client.predict("no-such-job", api_name="/cancel_job").startswith("Unknown job")

@@ -220,21 +220,39 @@ class JobQueue:
                 self._on_event(job, Failed("the job ended without a result", None, None))
 
 
+def _inside(path, folder: Path) -> Path | None:
+    """`path` resolved, if it is a file inside `folder` (links followed); else None."""
+    try:
+        resolved = Path(path).resolve()
+        resolved.relative_to(folder)
+    except (TypeError, ValueError, OSError):
+        return None
+    return resolved if resolved.is_file() else None
+
+
 def past_jobs(outputs_dir: str | Path, limit: int = 50) -> list[dict]:
-    """Finished or stopped jobs with a video, newest first, read from their sidecars."""
+    """Finished or stopped jobs with a video, newest first, read from their sidecars. Only videos inside the
+    outputs folder are listed: a sidecar pointing anywhere else (edited, or copied from another machine) is
+    skipped and logged, so the gallery never serves a file from elsewhere on the server."""
     out = []
-    folder = Path(outputs_dir)
+    folder = Path(outputs_dir).resolve()
     if not folder.is_dir():
         return out
     for path in sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True):
         try:
             record = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             continue
-        video = record.get("video")
-        if record.get("status") in (FINISHED, CANCELLED) and video and Path(video).is_file():
-            record["sidecar"] = str(path)
-            out.append(record)
+        if not isinstance(record, dict) or record.get("status") not in (FINISHED, CANCELLED):
+            continue
+        video = _inside(record.get("video"), folder)
+        if video is None:
+            if record.get("video"):
+                log.warning("Past videos: skipping %s, whose video is not a file in the outputs folder", path.name)
+            continue
+        record.update(video=str(video), sidecar=str(path))
+        record["settings"] = record.get("settings") if isinstance(record.get("settings"), dict) else {}
+        out.append(record)
         if len(out) >= limit:
             break
     return out

@@ -110,6 +110,34 @@ def model_name(settings: Settings) -> str:
     return settings.model
 
 
+def output_dir_problem(path: str) -> str | None:
+    """Why videos cannot be written to `path`, or None; a missing folder is fine if it can be created (the first
+    job creates it), so nothing is made before a job runs."""
+    from pathlib import Path
+
+    folder = Path(path).absolute()
+    if folder.exists() and not folder.is_dir():
+        return f"the output folder {path!r} is a file; choose a folder"
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        return f"the output folder {path!r} cannot be created: {existing.name!r} is a file"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"the output folder {path!r} is not writable"
+    return None
+
+
+def server_problem(host: str) -> str | None:
+    """Why the web app cannot bind to `host`, or None (checked before anything loads)."""
+    import socket
+
+    try:
+        socket.getaddrinfo(host, None)
+    except (socket.gaierror, UnicodeError):
+        return f"the server address {host!r} is not a host name or IP address of this machine (FRAMEPACK_SERVER or " \
+               "--server)"
+    return None
+
+
 def start(argv: list[str] | None = None, *, info: SystemInfo | None = None, sleep=None) -> LoadedSettings:
     """Load and check settings; on a bad value print one line and exit with code 2."""
     try:
@@ -118,6 +146,10 @@ def start(argv: list[str] | None = None, *, info: SystemInfo | None = None, slee
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     s = loaded.settings
+    problem = output_dir_problem(s.output_dir) or server_problem(s.server)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        raise SystemExit(2)
     configure_logging(s.log_level, enabled_libraries(weight_format(s)))
     for warning in loaded.warnings:
         log.warning("%s", warning)

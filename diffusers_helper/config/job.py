@@ -31,7 +31,8 @@ def _j(default, label: str, help: str = "", *, env: str | None = None, flags=(),
 @dataclass
 class JobSettings:
     use_teacache: bool = _j(True, "Use TeaCache", "Faster, but can hurt hands and fingers.",
-                            env="FRAMEPACK_USE_TEACACHE", flags=["--teacache"], negative_flags=["--no-teacache"], what="TeaCache", elem_id="teacache")
+                            env="FRAMEPACK_USE_TEACACHE", flags=["--teacache"], negative_flags=["--no-teacache"],
+                            what="TeaCache", elem_id="teacache")
     quality_mode: bool = _j(False, "Quality Mode", "Decode each section in one pass where memory allows: no tile "
                             "seams, more VRAM.", env="FRAMEPACK_QUALITY_MODE", flags=["--quality-mode"],
                             elem_id="quality-mode")
@@ -41,7 +42,8 @@ class JobSettings:
                         env="FRAMEPACK_VIDEO_LENGTH", flags=["--seconds", "--video-length"], min=1.0, max=120.0,
                         step=0.1, what="video length", elem_id="seconds")
     latent_window_size: int = _j(9, "Latent window size", "latent frames per section",
-                                 env="FRAMEPACK_LATENT_WINDOW_SIZE", flags=["--latent-window-size", "--window"], min=1, max=33, step=1, section="hidden")
+                                 env="FRAMEPACK_LATENT_WINDOW_SIZE", flags=["--latent-window-size", "--window"], min=1,
+                                 max=33, step=1, section="hidden")
     steps: int = _j(25, "Steps", "Changing this is not recommended.", env="FRAMEPACK_STEPS", flags=["--steps"], min=1,
                     max=100, step=1, elem_id="steps")
     cfg: float = _j(1.0, "CFG scale", "Real guidance; above 1 uses the negative prompt and is twice as slow.",

@@ -138,7 +138,7 @@ def _flatten(data: Mapping, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _read_config(path: Path, by_name: dict, explicit: bool) -> dict[str, tuple[Any, str]]:
+def _read_config(path: Path, by_name: dict, explicit: bool, warnings: list[str]) -> dict[str, tuple[Any, str]]:
     import yaml
 
     if not path.is_file():
@@ -147,6 +147,8 @@ def _read_config(path: Path, by_name: dict, explicit: bool) -> dict[str, tuple[A
         return {}
     try:
         data = yaml.safe_load(path.read_text()) or {}
+    except (UnicodeDecodeError, ValueError):  # a binary file (YAML refuses some control bytes with a ValueError)
+        raise SettingsError(f"config file {path} is not a text file") from None
     except yaml.YAMLError as exc:
         first = str(exc).splitlines()[0]
         raise SettingsError(f"config file {path} is not valid YAML: {first}") from None
@@ -164,6 +166,9 @@ def _read_config(path: Path, by_name: dict, explicit: bool) -> dict[str, tuple[A
             near = difflib.get_close_matches(name, list(by_name), n=1)
             hint = f"; did you mean {near[0]!r}?" if near else ""
             raise SettingsError(f"config file {path}: unknown setting {dotted!r}{hint}")
+        if name in values:
+            warnings.append(f"config file {path}: {name} is set twice ({values[name][1].rsplit(':', 1)[-1]} and "
+                            f"{dotted}); the last one, {dotted}, is used")
         values[name] = (value, f"{path}:{dotted}")
     return values
 
@@ -209,7 +214,7 @@ def load_settings(argv: list[str] | None = None, env: Mapping[str, str] | None =
 
     not_offered = {n.name: n for n in NOT_OFFERED}
     ignored: list[tuple[str, str, object]] = []  # (name, where, value) of settings not offered here
-    for name, (raw, where) in _read_config(cfg_path, by_name, explicit_config).items():
+    for name, (raw, where) in _read_config(cfg_path, by_name, explicit_config, warnings).items():
         if name in not_offered:
             ignored.append((name, where, raw))
             continue

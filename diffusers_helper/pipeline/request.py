@@ -21,16 +21,19 @@ def load_image(path: str | Path) -> np.ndarray:
     """Read an image file as uint8 RGB, with a clear error for anything that is not one."""
     path = Path(path)
     if not path.exists():
-        raise InputError(f"image file not found: {path}")
+        raise InputError(f"image file not found: {path.name}")  # the name only: never a server path
     if not path.is_file():
-        raise InputError(f"not a file: {path}")
+        raise InputError(f"not a file: {path.name}")
     try:
         with Image.open(path) as im:
             if im.width * im.height > MAX_IMAGE_PIXELS:
                 raise InputError(f"image is too large ({im.width}x{im.height}); at most {MAX_IMAGE_PIXELS} pixels")
             return np.array(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError) as exc:
-        raise InputError(f"not a readable image: {path} ({exc.__class__.__name__})") from None
+    except Image.DecompressionBombError as exc:  # a header claiming billions of pixels: refused before decoding
+        raise InputError(f"image is too large ({str(exc).split(' pixels')[0].split('(')[-1]} pixels); at most "
+                         f"{MAX_IMAGE_PIXELS} pixels") from None
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise InputError(f"not a readable image: {path.name} ({exc.__class__.__name__})") from None
 
 
 def as_rgb(image) -> np.ndarray:
