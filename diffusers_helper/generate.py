@@ -11,8 +11,8 @@ import argparse
 import logging
 import signal
 import sys
+from dataclasses import fields
 
-from .models.specs import MODEL_NAMES
 from .pipeline.request import GenerationRequest, InputError, load_image
 
 EXIT_BAD_INPUT = 2
@@ -33,11 +33,12 @@ def build_parser(defaults=None) -> argparse.ArgumentParser:
     from .config.job import number
 
     s = defaults or Settings()
+    models = next(f.metadata["choices"] for f in fields(Settings) if f.name == "model")  # no torch for --help
     p = _Parser(prog="python -m diffusers_helper.generate", description="FramePack image-to-video, headless.")
     p.add_argument("--image", required=True, help="input image file")
     p.add_argument("--prompt", required=True, help="what should happen in the video")
     p.add_argument("--negative-prompt", default="", help="used only when --cfg > 1")
-    p.add_argument("--model", default=s.model, help=f"one of {', '.join(MODEL_NAMES)}")
+    p.add_argument("--model", default=s.model, help=f"one of {', '.join(models)}")
     jobs = p.add_argument_group("job controls")
     for f in job_fields():
         m, default = f.metadata, getattr(s, f.name)
@@ -63,6 +64,7 @@ def build_parser(defaults=None) -> argparse.ArgumentParser:
 
 def request_from_args(args) -> GenerationRequest:
     from .config import job_fields
+    from .models.specs import MODEL_NAMES
 
     if args.model not in MODEL_NAMES:
         raise InputError(f"unknown model {args.model!r}; choose one of {', '.join(MODEL_NAMES)}")

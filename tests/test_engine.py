@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from diffusers_helper.config import job_fields
 from diffusers_helper.pipeline.engine import Engine, iter_events
 from diffusers_helper.pipeline.events import Cancelled, Failed, Finished, SectionFinished, Stage, StepProgress
 from diffusers_helper.memory.placement import Placement
@@ -55,6 +56,7 @@ def test_two_sections_make_a_playable_mp4(tiny_bundles, tmp_path, test_image, mo
     sidecar = json.loads(final.sidecar_path.read_text())
     assert sidecar["status"] == "finished"
     assert sidecar["settings"]["seed"] == 7 and sidecar["settings"]["steps"] == 3
+    assert set(sidecar["settings"]) == {f.name for f in job_fields()} | {"prompt", "negative_prompt"}
     assert sidecar["model"] == model and sidecar["frames"] == 73
     assert set(sidecar["versions"]) >= {"torch", "diffusers", "transformers", "framepack_app"}
     assert (tmp_path / f"{sidecar['job_id']}.png").is_file()

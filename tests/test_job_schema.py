@@ -66,14 +66,63 @@ def test_widgets_take_label_limits_and_step_from_the_schema():
     assert demo_gradio.MAX_SEED == 2**32 - 1
 
 
+def _page(tmp_path, **defaults):
+    import demo_gradio
+
+    app = demo_gradio.App(queue=None, outputs_dir=tmp_path, model_labels={"Tiny": "tiny"},
+                          defaults=Settings(**defaults))
+    return demo_gradio.build_app(app)
+
+
+def test_the_page_and_its_api_follow_the_schema(tmp_path):
+    """The built page (not just the widget helper): one widget per field with the schema's label, limits and
+    section, starting at the server's settings; the API's parameters are the field names with those defaults."""
+    page = _page(tmp_path, steps=7, cfg=2.0)
+    by_label = {}
+    for block in page.blocks.values():
+        by_label.setdefault(getattr(block, "label", None), []).append(block)
+    for f in job_fields():
+        m = f.metadata
+        [widget] = by_label[m["label"]]
+        assert widget.visible == (m["section"] != "hidden"), f.name
+        assert widget.value == {"steps": 7, "cfg": 2.0}.get(f.name, f.default), f.name
+        if f.type != "bool":
+            assert (widget.minimum, widget.maximum) == (m["min"], m["max"]), f.name
+            if m["step"]:
+                assert widget.step == m["step"], f.name
+    assert [w.visible for w in by_label["Negative prompt"]] == [True]  # CFG 2 > 1
+    api = page.get_api_info()["named_endpoints"]
+    names = [f.name for f in job_fields()]
+    for endpoint, first in (("/submit", ["image", "model", "prompt", "negative_prompt"]),
+                            ("/generate", ["image", "prompt", "model", "negative_prompt"])):
+        params = api[endpoint]["parameters"]
+        assert [p["parameter_name"] for p in params] == first + names, endpoint
+        defaults = {p["parameter_name"]: p["parameter_default"] for p in params}
+        assert (defaults["steps"], defaults["cfg"], defaults["seed"]) == (7, 2.0, 31337), endpoint
+
+
+def test_reuse_restores_every_control_from_a_sidecar(tmp_path):
+    page = _page(tmp_path)
+    fn = next(fn for fn in page.fns.values() if fn.api_name == "on_reuse")
+    settings = {"prompt": "again", "negative_prompt": "blurry"}
+    for f in job_fields():  # a value other than the default for every field
+        m = f.metadata
+        settings[f.name] = (not f.default) if f.type == "bool" else m["max"]
+    values = fn.fn({"settings": settings, "model": "tiny"})
+    restored = {getattr(c, "label", None): v for c, v in zip(fn.outputs, values)}
+    assert restored["Model"] == "Tiny" and restored["Prompt"] == "again" and restored["Negative prompt"] == "blurry"
+    assert all(restored[f.metadata["label"]] == settings[f.name] for f in job_fields())
+
+
 def test_help_prints_usage_fast_without_loading_anything():
     for cmd in ([sys.executable, "demo_gradio.py", "--help"], ["bash", "start.sh", "--help"]):
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0 and time.perf_counter() - t0 < 10, proc.stderr
         assert "usage: python demo_gradio.py" in proc.stdout and "--seconds" in proc.stdout
-    probe = ("import sys, runpy; sys.argv = ['demo_gradio.py', '--help']\n"
-             "try:\n    runpy.run_path('demo_gradio.py', run_name='__main__')\nexcept SystemExit:\n    pass\n"
-             "print(sorted(m for m in ('torch', 'gradio', 'diffusers') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=60).stdout
-    assert out.strip().endswith("[]")
+    for run in ("runpy.run_path('demo_gradio.py', run_name='__main__')",
+                "runpy.run_module('diffusers_helper.generate', run_name='__main__')"):
+        probe = (f"import sys, runpy; sys.argv = ['x', '--help']\ntry:\n    {run}\nexcept SystemExit:\n    pass\n"
+                 "print(sorted(m for m in ('torch', 'gradio', 'diffusers') if m in sys.modules))")
+        proc = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert "usage:" in proc.stdout and proc.stdout.strip().endswith("[]"), (run, proc.stdout[-300:], proc.stderr)

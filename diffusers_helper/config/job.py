@@ -30,6 +30,8 @@ def _j(default, label: str, help: str = "", *, env: str | None = None, flags=(),
 
 @dataclass
 class JobSettings:
+    """The per-job controls, in the order the web app shows them; `Settings` and `GenerationRequest` inherit them."""
+
     use_teacache: bool = _j(True, "Use TeaCache", "Faster, but can hurt hands and fingers.",
                             env="FRAMEPACK_USE_TEACACHE", flags=["--teacache"], negative_flags=["--no-teacache"],
                             what="TeaCache", elem_id="teacache")
