@@ -264,8 +264,10 @@ def build_app(app: App) -> gr.Blocks:
                         show_progress="hidden")
         stop_btn.click(on_stop, outputs=status, api_name="stop", show_progress="hidden")
         cancel_btn.click(on_cancel, inputs=job_choice, outputs=status, api_name="cancel_job", show_progress="hidden")
-        controls["cfg"].change(lambda v: gr.update(visible=v > 1.0), inputs=controls["cfg"], outputs=negative, queue=False, api_visibility="private")
-        randomize.click(lambda: random.randint(0, MAX_SEED), outputs=controls["seed"], queue=False, api_visibility="private")
+        controls["cfg"].change(lambda v: gr.update(visible=v > 1.0), inputs=controls["cfg"], outputs=negative,
+                               queue=False, api_visibility="private")  # the negative prompt matters only with CFG
+        randomize.click(lambda: random.randint(0, MAX_SEED), outputs=controls["seed"], queue=False,
+                        api_visibility="private")
         refresh_btn.click(on_refresh, outputs=[gallery, records], api_visibility="private")
         gallery.select(on_select, inputs=records, outputs=chosen, api_visibility="private")
         reuse_btn.click(on_reuse, inputs=chosen, outputs=[*named.values(), model], api_visibility="private")
