@@ -362,7 +362,8 @@ def create(argv=None) -> tuple[gr.Blocks, App, Settings]:
     except (WeightsMissingError, ValueError) as exc:
         print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
         raise SystemExit(2) from None
-    app = App(queue=JobQueue(provider), outputs_dir=Path(s.output_dir), model_labels=labels, defaults=s)
+    app = App(queue=JobQueue(provider, outputs_dir=s.output_dir), outputs_dir=Path(s.output_dir), model_labels=labels,
+              defaults=s)
     return build_app(app), app, s
 
 

@@ -10,7 +10,7 @@ import json
 import logging
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +19,7 @@ from ..pipeline.engine import new_job_id
 from ..pipeline.events import Cancelled, Failed, Finished, SectionFinished, Stage, StepProgress
 from ..pipeline.request import GenerationRequest, InputError
 from ..pipeline.sampling import CancelToken
+from .journal import INTERRUPTED, Journal
 
 log = logging.getLogger("framepack.jobs")
 
@@ -69,15 +70,43 @@ class _Job:
 
 
 class JobQueue:
-    def __init__(self, provider, max_queued: int = 32):
+    """With `outputs_dir`, the open jobs are kept on disk (`journal.Journal`): after a crash the queued jobs run
+    again and the interrupted one keeps its finished sections."""
+
+    def __init__(self, provider, max_queued: int = 32, outputs_dir: str | Path | None = None):
         self.provider = provider
         self.max_queued = max_queued
         self._jobs: dict[str, _Job] = {}
         self._order: list[str] = []
         self._cond = threading.Condition()
         self._stop = False
+        self.journal = Journal(outputs_dir) if outputs_dir is not None else None
+        for job in self.journal.recover() if self.journal else []:
+            self._restore(job)
         self._worker = threading.Thread(target=self._run, name="job-queue", daemon=True)
         self._worker.start()
+
+    def _restore(self, job) -> None:
+        known = {f.name for f in fields(GenerationRequest)} - {"image"}
+        request = GenerationRequest(image=job.image, **{k: v for k, v in job.settings.items() if k in known})
+        try:
+            request.validate()
+        except InputError as exc:
+            log.warning("Queued job %s from the last run is dropped: %s", job.job_id, exc)
+            return
+        snap = JobSnapshot(job_id=job.job_id, model=job.model, prompt=request.prompt, submitted=time.time(),
+                           stage="Waiting in the queue (restored after a restart)")
+        self._jobs[job.job_id] = _Job(snap, request)
+        self._order.append(job.job_id)
+        self._save()
+
+    def _save(self) -> None:
+        """Write the open jobs to the journal (caller holds the condition, or nothing runs yet)."""
+        if self.journal is None:
+            return
+        open_jobs = [self._jobs[j] for j in self._order if self._jobs[j].snapshot.state not in ENDED]
+        self.journal.write([{"job_id": j.snapshot.job_id, "model": j.snapshot.model, "state": j.snapshot.state,
+                             "settings": j.request.to_record()} for j in open_jobs])
 
     # -- public -----------------------------------------------------------------------------------------
 
@@ -89,9 +118,12 @@ class JobQueue:
             if waiting >= self.max_queued:
                 raise InputError(f"the queue is full ({self.max_queued} jobs waiting); wait or cancel some")
             job_id = new_job_id()
+            if self.journal is not None:
+                self.journal.save_image(job_id, request.image)
             snap = JobSnapshot(job_id=job_id, model=model, prompt=request.prompt, submitted=time.time())
             self._jobs[job_id] = _Job(snap, request)
             self._order.append(job_id)
+            self._save()
             self._cond.notify_all()
         log.info("Queued job %s (%s)", job_id, model)
         return job_id
@@ -158,6 +190,10 @@ class JobQueue:
     def _update(self, job: _Job, **changes) -> None:
         """Caller holds the condition."""
         job.snapshot = replace(job.snapshot, version=job.snapshot.version + 1, **changes)
+        if "state" in changes:  # the journal follows the states, not every step
+            self._save()
+            if changes["state"] in ENDED and self.journal is not None:
+                self.journal.forget(job.snapshot.job_id)
         self._cond.notify_all()
 
     def _next(self) -> _Job | None:
@@ -243,7 +279,7 @@ def past_jobs(outputs_dir: str | Path, limit: int = 50) -> list[dict]:
             record = json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             continue
-        if not isinstance(record, dict) or record.get("status") not in (FINISHED, CANCELLED):
+        if not isinstance(record, dict) or record.get("status") not in (FINISHED, CANCELLED, INTERRUPTED):
             continue
         video = _inside(record.get("video"), folder)
         if video is None:
