@@ -191,7 +191,6 @@ class Settings(JobSettings):
                                     min=1, max=256, group="tensorrt")
 
 
-
 # Names other FramePack builds use for the same setting in config.yaml; resolved on read.
 CONFIG_ALIASES = {
     "video_length": "seconds",
