@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from diffusers_helper.memory.placement import Placement  # noqa: E402
+from diffusers_helper.memory.placement import Placement, release_streamer  # noqa: E402
 from diffusers_helper.pipeline.engine import Engine  # noqa: E402
 from diffusers_helper.pipeline.request import GenerationRequest  # noqa: E402
 
@@ -75,6 +75,7 @@ def main() -> int:
         results["runs"][key] = {"weights_gb": round(weights / 1024**3, 2), **run(engine, args.steps, out)}
         print(key, results["runs"][key], flush=True)
         Path(args.out).write_text(json.dumps(results, indent=2))
+        release_streamer(engine.bundle.transformer)  # a step-down pinned its blocks: unpin before dropping it
         del engine
     Path(args.out).write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))

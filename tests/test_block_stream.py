@@ -149,3 +149,19 @@ def test_fp8_weight_storage_streams_the_fp8_bytes(tiny_root, tmp_path, encoded_f
     assert streamer.resident_count == 0 and all(p.dtype == torch.float8_e4m3fn for p in matrices)
     assert streamer.total_bytes < 0.6 * fp32_bytes  # the tiny model's many small norms and biases stay fp32
     assert torch.equal(torch.from_numpy(frames["swap"]), torch.from_numpy(frames["full"]))
+
+
+def test_switching_models_unhooks_the_streamed_transformer(tiny_root, tmp_path, monkeypatch):
+    """The provider releases a streamed transformer before dropping it (its pinned buffers must be unregistered
+    while they are still alive)."""
+    from diffusers_helper.app.service import EngineProvider
+    import diffusers_helper.app.service as service_module
+
+    provider = EngineProvider(models_dir=str(tiny_root), offline=True, outputs_dir=tmp_path, placement="swap")
+    monkeypatch.setattr(service_module.Placement, "choose", classmethod(
+        lambda cls, device, override=None, devices=None: cls(device, "swap", probe=lambda: (0, 0))))
+    first = provider.get("tiny").bundle.transformer
+    streamer = streamer_of(first)
+    assert streamer is not None and streamer.blocks[0].module._forward_pre_hooks
+    provider.get("tiny-f1")
+    assert streamer_of(first) is None and not streamer._hooks  # unhooked and unpinned before being dropped

@@ -124,3 +124,24 @@ def test_oom_step_down_waits_for_the_decode_thread(tiny_root, tmp_path, test_ima
     notes = [e.message for e in events if isinstance(e, Stage) and "Out of GPU memory" in e.message]
     assert notes == ["Out of GPU memory in section 2/2: switched to swap placement; decoding each section before "
                      "sampling the next, retrying the section"]
+
+
+def test_oom_while_encoding_the_prompt_steps_down_and_retries(tiny_root, tmp_path, test_image):
+    bundle = load_models(tiny_spec("tiny", tiny_root))
+    engine = Engine(bundle, Placement(torch.device("cpu"), "full", probe=lambda: (1 << 40, 0)), outputs_dir=tmp_path)
+    real = bundle.text_encoder.forward
+    calls = {"n": 0}
+
+    def oom_once(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return real(*args, **kwargs)
+
+    bundle.text_encoder.forward = oom_once
+    events = []
+    final = engine.generate(_request(test_image, seconds=1.0), events.append)
+    assert isinstance(final, Finished) and calls["n"] == 2
+    assert [e.message for e in events if isinstance(e, Stage) and "Out of GPU memory" in e.message] == [
+        "Out of GPU memory while encoding the prompt: switched to swap placement, retrying"]
+    assert engine.placement.policy == "swap"

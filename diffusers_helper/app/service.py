@@ -15,7 +15,7 @@ import torch
 
 from ..pipeline.engine import Engine
 from ..models.loading import PART_NAMES, ModelBundle, load_models, resolve_spec
-from ..memory.placement import Placement, model_devices, pick_device
+from ..memory.placement import Placement, model_devices, pick_device, release_streamer
 from ..pipeline.prepare import TransformerPlan, mark_applied
 
 log = logging.getLogger("framepack.service")
@@ -54,6 +54,8 @@ class EngineProvider:
                 old_parts = old.spec.parts()
                 keep = {n: getattr(old, n) for n, part in spec.parts().items() if old_parts.get(n) == part}
                 log.info("Switching model %s -> %s; reusing %s", old.spec.name, model, ", ".join(keep) or "nothing")
+                if "transformer" not in keep:
+                    release_streamer(old.transformer)  # unpin before its buffers are freed
                 self._engine = None
                 del old
                 gc.collect()

@@ -266,16 +266,18 @@ class BlockStreamer:
             part.to("cpu")
         self.active = False
 
-    def close(self) -> None:
-        """Remove the hooks and unpin; the model stays usable as an ordinary CPU module."""
+    def close(self, keep_usable: bool = True) -> None:
+        """Remove the hooks and unpin; the model stays usable as an ordinary CPU module (`keep_usable=False`: the
+        model is about to be dropped, so its weights are not copied out of the flat buffers)."""
         self.release()
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
         for flat in self._registered:
             torch.cuda.cudart().cudaHostUnregister(flat.data_ptr())
-        for block in self.blocks:  # own storage again, so nothing points into unpinned buffers
-            _bind(block.tensors, [v.clone() for v in block.views["cpu"]])
+        if keep_usable:
+            for block in self.blocks:  # own storage again, so nothing points into unpinned buffers
+                _bind(block.tensors, [v.clone() for v in block.views["cpu"]])
         self._registered = []
 
     # -- running -------------------------------------------------------------------------------------

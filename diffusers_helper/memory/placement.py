@@ -82,6 +82,16 @@ def streamer_of(model) -> BlockStreamer | None:
     return getattr(model, "_framepack_streamer", None)
 
 
+def release_streamer(model) -> None:
+    """Before a streamed model is dropped: unhook it and unpin its host buffers. Freed while still page-locked,
+    their address range stays registered with CUDA, and pinning the next model there fails ("resource already
+    mapped")."""
+    streamer = streamer_of(model)
+    if streamer is not None:
+        streamer.close(keep_usable=False)
+        del model._framepack_streamer
+
+
 def _streams(model) -> bool:
     """Moved block by block (our streamer or diffusers' group offloading), never whole."""
     return streamer_of(model) is not None or _is_streamed(model)

@@ -123,7 +123,7 @@ class Engine:
             log.info("Aggressive mode: Larger chunks and higher memory utilization enabled")
         self._set_precision(request.mixed_precision)
 
-    def _recover_from_oom(self, finisher: SectionFinisher) -> str | None:
+    def _recover_from_oom(self, finisher: SectionFinisher | None = None) -> str | None:
         """Free what can be freed and move to a more frugal placement; None when there is none left.
 
         The decode thread finishes first, since the step-down moves models; once the VAE has to share the
@@ -135,13 +135,29 @@ class Engine:
             torch.cuda.empty_cache()
         if self.dtype != self.model_dtype:
             return None  # float32 needs the transformer resident; a smaller policy cannot help
-        finisher.wait()
+        if finisher is not None:
+            finisher.wait()
         change = self.placement.degrade(self.bundle)
         if change is not None and self.background_decode and not self.placement.own_device("vae"):
-            finisher.stop_background()
+            if finisher is not None:
+                finisher.stop_background()
             self.background_decode = False
             change += "; decoding each section before sampling the next"
         return change
+
+    def _stepping_down(self, what: str, run, record: dict, emit: Emit):
+        """`run()`, retried after each out-of-memory step-down until it fits or nothing is left to give up."""
+        while True:
+            try:
+                return run()
+            except torch.cuda.OutOfMemoryError:
+                change = self._recover_from_oom()
+                if change is None:
+                    raise
+                msg = f"Out of GPU memory while {what}: {change}, retrying"
+                log.warning(msg)
+                record.setdefault("oom_recoveries", []).append(msg)
+                emit(Stage(msg))
 
     def _set_precision(self, mixed: bool) -> None:
         """Mixed precision off computes the transformer in float32 (twice the memory, no rounding)."""
@@ -271,10 +287,11 @@ class Engine:
     def _run(self, request, files, sections, emit, cancel, t0, record) -> Path:
         b = self.bundle
         emit(Stage("Encoding prompt"))
-        pos, neg = self._encode_prompts(request)
+        pos, neg = self._stepping_down("encoding the prompt", lambda: self._encode_prompts(request), record, emit)
         cancel.raise_if_cancelled()
         emit(Stage("Encoding image"))
-        image, start_latent, image_embeds = self._encode_image(request, files)
+        image, start_latent, image_embeds = self._stepping_down(
+            "encoding the image", lambda: self._encode_image(request, files), record, emit)
         cancel.raise_if_cancelled()
         height, width = image.shape[:2]
         record["bucket"] = [height, width]
