@@ -63,6 +63,30 @@ def test_image() -> np.ndarray:
 
 
 @pytest.fixture
+def image_file(tmp_path, test_image):
+    """The test image saved as a PNG file."""
+    from PIL import Image
+
+    path = tmp_path / "input.png"
+    Image.fromarray(test_image).save(path)
+    return path
+
+
+def oom_once(module, calls: dict):
+    """Make `module.forward` raise CUDA out-of-memory on its first call only; `calls["n"]` counts the calls."""
+    real = module.forward
+    calls.setdefault("n", 0)
+
+    def forward(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return real(*args, **kwargs)
+
+    module.forward = forward
+
+
+@pytest.fixture
 def encoded_frames(monkeypatch):
     """Capture the frames handed to the MP4 encoder (x264's bitstream itself is not bit-reproducible)."""
     import diffusers_helper.pipeline.engine as engine_module

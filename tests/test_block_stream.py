@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from conftest import oom_once
+
 from diffusers_helper.memory.block_stream import BlockStreamer, _layout, choose_resident, plan_resident, spread
 from diffusers_helper.pipeline.engine import Engine
 from diffusers_helper.pipeline.events import Finished, Stage
@@ -110,16 +112,7 @@ def test_running_before_placement_says_so(deep_bundle):
 def test_oom_under_swap_keeps_fewer_blocks_resident(deep_bundle, tmp_path, encoded_frames, test_image):
     placement = Placement(torch.device("cpu"), "swap", probe=lambda: (1 << 40, 0))
     engine = Engine(deep_bundle, placement, outputs_dir=tmp_path)
-    real = deep_bundle.transformer.forward
-    calls = {"n": 0}
-
-    def oom_once(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 1:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
-        return real(*args, **kwargs)
-
-    deep_bundle.transformer.forward = oom_once
+    oom_once(deep_bundle.transformer, {})
     events = []
     final = engine.generate(GenerationRequest(prompt="x", image=test_image, seconds=1.0, steps=2,
                                               use_teacache=False, gpu_memory_preservation_gb=0), events.append)

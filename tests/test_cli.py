@@ -5,9 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from conftest import REPO
 from diffusers_helper.generate import main
@@ -17,13 +15,6 @@ def _env(tiny_root, **extra):
     env = dict(os.environ, FRAMEPACK_CACHE_DIR=str(tiny_root.parent), PYTHONPATH=str(REPO))
     env.update(extra)
     return env
-
-
-@pytest.fixture
-def image_file(tmp_path, test_image):
-    path = tmp_path / "in.png"
-    Image.fromarray(test_image).save(path)
-    return path
 
 
 def test_cli_generates_and_prints_mp4(tiny_root, tmp_path, image_file):

@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from conftest import FakeBundle, FakeModel
+from conftest import FakeBundle, FakeModel, oom_once
 from diffusers_helper.memory.placement import Placement, check_device, model_devices
 from diffusers_helper.models.loading import load_models
 from diffusers_helper.models.tiny import build_tiny_transformer, tiny_spec
@@ -129,16 +129,8 @@ def test_oom_step_down_waits_for_the_decode_thread(tiny_root, tmp_path, test_ima
 def test_oom_while_encoding_the_prompt_steps_down_and_retries(tiny_root, tmp_path, test_image):
     bundle = load_models(tiny_spec("tiny", tiny_root))
     engine = Engine(bundle, Placement(torch.device("cpu"), "full", probe=lambda: (1 << 40, 0)), outputs_dir=tmp_path)
-    real = bundle.text_encoder.forward
-    calls = {"n": 0}
-
-    def oom_once(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 1:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
-        return real(*args, **kwargs)
-
-    bundle.text_encoder.forward = oom_once
+    calls = {}
+    oom_once(bundle.text_encoder, calls)
     events = []
     final = engine.generate(_request(test_image, seconds=1.0), events.append)
     assert isinstance(final, Finished) and calls["n"] == 2

@@ -11,7 +11,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-import pytest
 import torch
 
 from conftest import REPO
@@ -69,15 +68,6 @@ def test_a_new_queue_restores_what_the_last_one_left(tiny_bundles, tmp_path, tes
     assert json.loads((tmp_path / "queue.json").read_text())["jobs"] == []
 
 
-@pytest.fixture
-def image_file_for_recovery(tmp_path, test_image):
-    from PIL import Image
-
-    path = tmp_path / "input.png"
-    Image.fromarray(test_image).save(path)
-    return path
-
-
 def _start(out, port, cache):
     env = {k: v for k, v in os.environ.items() if not k.startswith("FRAMEPACK_")}
     env.update(FRAMEPACK_CACHE_DIR=str(cache), FRAMEPACK_OUTPUT_DIR=str(out), GRADIO_ANALYTICS_ENABLED="False")
@@ -95,7 +85,7 @@ def _start(out, port, cache):
     raise AssertionError("the app did not start")
 
 
-def test_kill_9_mid_job_then_restart(tiny_root, tmp_path, image_file_for_recovery):
+def test_kill_9_mid_job_then_restart(tiny_root, tmp_path, image_file):
     from gradio_client import Client, handle_file
 
     from test_ui import _free_port
@@ -105,7 +95,7 @@ def test_kill_9_mid_job_then_restart(tiny_root, tmp_path, image_file_for_recover
     proc, url = _start(out, _free_port(), tiny_root.parent)
     try:
         client = Client(url, verbose=False)
-        image = handle_file(str(image_file_for_recovery))
+        image = handle_file(str(image_file))
         long_job = client.predict(image, "Tiny (inverted, offline)", prompt="long", seconds=12.0, steps=12,
                                   api_name="/submit").split("`")[1]
         waiting = client.predict(image, "Tiny (inverted, offline)", prompt="after the crash", seconds=1.0,

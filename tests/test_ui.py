@@ -10,7 +10,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
 from conftest import REPO
 
@@ -61,13 +60,6 @@ def browser():
             "--disable-component-update", "--disable-sync"])
         yield b
         b.close()
-
-
-@pytest.fixture
-def image_file(tmp_path, test_image):
-    path = tmp_path / "input.png"
-    Image.fromarray(test_image).save(path)
-    return path
 
 
 @pytest.fixture
