@@ -28,7 +28,8 @@ import gradio as gr
 from gradio.data_classes import FileData
 
 from diffusers_helper.app.gpu_stats import gpu_status
-from diffusers_helper.app.jobs import ENDED, QUEUED, RUNNING, JobQueue, JobSnapshot, past_jobs
+from diffusers_helper.app.access import credentials, exposure_warning
+from diffusers_helper.app.jobs import ALL, ENDED, QUEUED, RUNNING, JobQueue, JobSnapshot, past_jobs
 from diffusers_helper.models.loading import WeightsMissingError
 from diffusers_helper.pipeline.request import GenerationRequest, InputError
 from diffusers_helper.config import Settings, job_defaults, job_fields
@@ -56,6 +57,8 @@ class App:
     outputs_dir: Path
     model_labels: dict[str, str]  # label -> model name
     defaults: Settings = field(default_factory=Settings)
+    signed_in: bool = False  # sign-in on: each user sees and cancels only their own jobs
+    admins: frozenset = frozenset()
 
     def label_of(self, model: str) -> str:
         return next((label for label, name in self.model_labels.items() if name == model), model)
@@ -67,12 +70,19 @@ class App:
         return GenerationRequest(image=image, **{name: d[name] if values.get(name) is None else values[name]
                                                  for name in d})
 
-    def submit(self, image, model_label: str, values: dict) -> str:
+    def viewer(self, request) -> object:
+        """Whose jobs this request may see: every job without sign-in or for an admin, else its user's."""
+        if not self.signed_in:
+            return ALL
+        user = getattr(request, "username", None)
+        return ALL if user in self.admins else user
+
+    def submit(self, image, model_label: str, values: dict, owner: str | None = None) -> str:
         """Enqueue; returns the job id or raises InputError with a one-line message."""
         model = self.model_labels.get(model_label)
         if model is None:
             raise InputError(f"unknown model {model_label!r}; choose one of {', '.join(self.model_labels)}")
-        return self.queue.submit(self.request(image, values), model)
+        return self.queue.submit(self.request(image, values), model, owner)
 
 
 # -- rendering (pure functions of snapshots, so they are easy to test) --------------------------------------
@@ -134,12 +144,12 @@ def queue_rows(jobs: list[JobSnapshot]) -> list[list]:
              f"{j.fraction * 100:.0f}%"] for j in reversed(jobs)]
 
 
-def render(app: App, seen: dict):
+def render(app: App, seen: dict, viewer=ALL):
     """One poll: updates for video, preview, status, progress, GPU, queue table, job choices, buttons.
 
     The job choice keeps the user's pick while that job is still open."""
-    snap = app.queue.latest()
-    jobs = app.queue.jobs()
+    snap = app.queue.latest(viewer)
+    jobs = app.queue.jobs(viewer)
     unchanged = gr.update()
     video = preview = unchanged
     if snap is not None and snap.video and snap.video != seen.get("video"):
@@ -161,8 +171,8 @@ def render(app: App, seen: dict):
             gr.update(), gr.update(interactive=running), seen)  # Start stays on: more jobs queue up
 
 
-def gallery_items(app: App) -> tuple[list, list[dict]]:
-    records = past_jobs(app.outputs_dir)
+def gallery_items(app: App, viewer=ALL) -> tuple[list, list[dict]]:
+    records = past_jobs(app.outputs_dir, viewer=viewer)
     return [(r["video"], f"{r.get('job_id', '')}: {str(r['settings'].get('prompt', ''))[:40]}") for r in records], records
 
 
@@ -227,28 +237,32 @@ def build_app(app: App) -> gr.Blocks:
 
         named = {"prompt": prompt, "negative_prompt": negative, **controls}  # API parameters: the field names
 
-        def on_start(image, model, **values):
+        def on_start(image, model, request: gr.Request, **values):
             """Queue a job with every control; returns at once with the job id (or why it cannot start)."""
             try:
-                job_id = app.submit(image, model, values)
+                job_id = app.submit(image, model, values, _owner(app, request))
             except InputError as exc:
                 gr.Warning(str(exc))
                 return f"**Cannot start:** {exc}"
             return f"Queued job `{job_id}`"
 
-        def on_stop():
-            return "Stopping after the current step..." if app.queue.cancel_running() else "Nothing is running."
+        def on_stop(request: gr.Request):
+            stopped = app.queue.cancel_running(app.viewer(request))
+            return "Stopping after the current step..." if stopped else "Nothing is running."
 
-        def on_cancel(job_id):
+        def on_cancel(job_id, request: gr.Request):
             if not job_id:
                 return "Choose a job to cancel."
-            if not isinstance(job_id, str) or app.queue.get(job_id) is None:
-                return f"Unknown job `{str(job_id)[:64]}`."
+            if not isinstance(job_id, str) or app.queue.get(job_id, app.viewer(request)) is None:
+                return f"Unknown job `{str(job_id)[:64]}`."  # another user's job is unknown to this one
             return f"Cancelled job `{job_id}`." if app.queue.cancel(job_id) else f"Job `{job_id}` already ended."
 
-        def on_refresh():
-            items, recs = gallery_items(app)
+        def on_refresh(request: gr.Request):
+            items, recs = gallery_items(app, app.viewer(request))
             return items, recs
+
+        def on_tick(s, request: gr.Request):
+            return render(app, s, app.viewer(request))
 
         def on_select(recs, evt: gr.SelectData):
             return recs[evt.index] if recs and evt.index is not None and evt.index < len(recs) else None
@@ -272,7 +286,7 @@ def build_app(app: App) -> gr.Blocks:
         gallery.select(on_select, inputs=records, outputs=chosen, api_visibility="private")
         reuse_btn.click(on_reuse, inputs=chosen, outputs=[*named.values(), model], api_visibility="private")
         timer = gr.Timer(1.0)
-        timer.tick(lambda s: render(app, s), inputs=seen,
+        timer.tick(on_tick, inputs=seen,
                    outputs=[result, preview, status, bar, gpu, table, job_choice, start_btn, stop_btn, seen],
                    show_progress="hidden", concurrency_limit=None, api_visibility="private")
         page.load(on_refresh, outputs=[gallery, records], api_visibility="private")
@@ -283,12 +297,12 @@ def build_app(app: App) -> gr.Blocks:
 def _api(app: App) -> None:
     """Named endpoints for gradio_client (see README): generate waits, the others return at once."""
 
-    def generate(image, prompt, model, **values) -> dict:
+    def generate(image, prompt, model, request, **values) -> dict:
         """Queue a job from an image file and wait for it; returns its final state and video path. Every job
         control can be given by name (see the schema); the rest take the server's defaults."""
         label = app.label_of(model) if model else next(iter(app.model_labels))
         try:
-            job_id = app.submit(_file_path(image), label, {"prompt": prompt, **values})
+            job_id = app.submit(_file_path(image), label, {"prompt": prompt, **values}, _owner(app, request))
         except InputError as exc:
             return {"state": "rejected", "error": str(exc)}
         return _snapshot_dict(app.queue.wait(job_id))
@@ -300,22 +314,27 @@ def _api(app: App) -> None:
               P("prompt", P.POSITIONAL_OR_KEYWORD, annotation=str),
               P("model", P.POSITIONAL_OR_KEYWORD, default="", annotation=str),
               P("negative_prompt", P.POSITIONAL_OR_KEYWORD, default="", annotation=str)]
+    tail = [P("request", P.POSITIONAL_OR_KEYWORD, default=None, annotation=gr.Request)]  # Gradio fills it in
     params += [P(f.name, P.POSITIONAL_OR_KEYWORD, default=getattr(d, f.name), annotation=types[f.type])
                for f in job_fields()]
-    generate = with_signature(generate, params)
+    generate = with_signature(generate, params + tail)
 
-    def job_status(job_id: str) -> dict:
+    def job_status(job_id: str, request: gr.Request) -> dict:
         """State, progress and video of one job."""
-        snap = app.queue.get(job_id) if isinstance(job_id, str) else None
+        snap = app.queue.get(job_id, app.viewer(request)) if isinstance(job_id, str) else None
         return _snapshot_dict(snap) if snap else {"state": "unknown", "error": f"no job {str(job_id)[:64]!r}"}
 
-    def queue() -> list[dict]:
-        """Every job of this session, oldest first."""
-        return [_snapshot_dict(s) for s in app.queue.jobs()]
+    def queue(request: gr.Request) -> list[dict]:
+        """Every job of this session you may see, oldest first."""
+        return [_snapshot_dict(s) for s in app.queue.jobs(app.viewer(request))]
 
     gr.api(generate, api_name="generate")
     gr.api(job_status, api_name="job_status")
     gr.api(queue, api_name="queue")
+
+
+def _owner(app: App, request) -> str | None:
+    return getattr(request, "username", None) if app.signed_in else None
 
 
 def _file_path(value) -> str | None:
@@ -363,14 +382,21 @@ def create(argv=None) -> tuple[gr.Blocks, App, Settings]:
         print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
         raise SystemExit(2) from None
     app = App(queue=JobQueue(provider, outputs_dir=s.output_dir), outputs_dir=Path(s.output_dir), model_labels=labels,
-              defaults=s)
+              defaults=s, signed_in=bool(s.auth or s.auth_file), admins=frozenset(s.admin_users))
     return build_app(app), app, s
 
 
 def main(argv=None):
     page, app, s = create(argv)
+    logins = credentials(s.auth, s.auth_file)  # checked at start-up already: here only read
+    warning = exposure_warning(s.server, s.share, bool(logins))
+    if warning:
+        log.warning("%s\n%s\n%s", "!" * 100, warning, "!" * 100)
+    if logins:
+        log.info("Sign-in on for %d user(s); admins: %s", len(logins), ", ".join(sorted(app.admins)) or "none")
     page.queue().launch(server_name=s.server, server_port=s.port or None, share=s.share, inbrowser=s.inbrowser,
-                        css=CSS, allowed_paths=[str(app.outputs_dir.resolve())])
+                        css=CSS, allowed_paths=[str(app.outputs_dir.resolve())], auth=logins or None,
+                        max_file_size=f"{s.max_upload_mb}mb")
 
 
 if __name__ == "__main__":

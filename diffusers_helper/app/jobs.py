@@ -25,6 +25,11 @@ log = logging.getLogger("framepack.jobs")
 
 QUEUED, RUNNING, FINISHED, FAILED, CANCELLED = "queued", "running", "finished", "failed", "cancelled"
 ENDED = (FINISHED, FAILED, CANCELLED)
+ALL = object()  # a viewer who sees every job: no authentication, or an admin
+
+
+def _visible(snap, viewer) -> bool:
+    return viewer is ALL or snap.owner == viewer
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,7 @@ class JobSnapshot:
     started: float | None = None
     ended: float | None = None
     version: int = 0  # bumps on every change, so pollers can skip unchanged states
+    owner: str | None = None  # the signed-in user who submitted it (None without authentication)
 
     @property
     def elapsed_s(self) -> float:
@@ -110,7 +116,7 @@ class JobQueue:
 
     # -- public -----------------------------------------------------------------------------------------
 
-    def submit(self, request: GenerationRequest, model: str) -> str:
+    def submit(self, request: GenerationRequest, model: str, owner: str | None = None) -> str:
         """Validate and enqueue; raises InputError with a one-line message for bad input."""
         request.validate()
         with self._cond:
@@ -120,7 +126,7 @@ class JobQueue:
             job_id = new_job_id()
             if self.journal is not None:
                 self.journal.save_image(job_id, request.image)
-            snap = JobSnapshot(job_id=job_id, model=model, prompt=request.prompt, submitted=time.time())
+            snap = JobSnapshot(job_id=job_id, model=model, prompt=request.prompt, submitted=time.time(), owner=owner)
             self._jobs[job_id] = _Job(snap, request)
             self._order.append(job_id)
             self._save()
@@ -139,33 +145,32 @@ class JobQueue:
                 self._update(job, state=CANCELLED, stage="Cancelled before it started", ended=time.time())
             return True
 
-    def cancel_running(self) -> bool:
-        current = self.running()
+    def cancel_running(self, viewer=ALL) -> bool:
+        current = self.running(viewer)
         return self.cancel(current.job_id) if current else False
 
-    def get(self, job_id: str) -> JobSnapshot | None:
+    def get(self, job_id: str, viewer=ALL) -> JobSnapshot | None:
+        """The job, if `viewer` may see it: `ALL` (no authentication, or an admin) sees every job, a user name
+        only that user's."""
         with self._cond:
             job = self._jobs.get(job_id)
-            return job.snapshot if job else None
+            return job.snapshot if job and _visible(job.snapshot, viewer) else None
 
-    def running(self) -> JobSnapshot | None:
-        with self._cond:
-            return next((self._jobs[j].snapshot for j in self._order if self._jobs[j].snapshot.state == RUNNING),
-                        None)
+    def running(self, viewer=ALL) -> JobSnapshot | None:
+        return next((s for s in self.jobs(viewer) if s.state == RUNNING), None)
 
-    def latest(self) -> JobSnapshot | None:
+    def latest(self, viewer=ALL) -> JobSnapshot | None:
         """The running job, else the one that started last, else the last one submitted."""
-        with self._cond:
-            if not self._order:
-                return None
-            snaps = [self._jobs[j].snapshot for j in self._order]
-            run = next((j for j in snaps if j.state == RUNNING), None)
-            started = [j for j in snaps if j.started is not None]
-            return run or (max(started, key=lambda j: j.started) if started else snaps[-1])
+        snaps = self.jobs(viewer)
+        if not snaps:
+            return None
+        run = next((j for j in snaps if j.state == RUNNING), None)
+        started = [j for j in snaps if j.started is not None]
+        return run or (max(started, key=lambda j: j.started) if started else snaps[-1])
 
-    def jobs(self) -> list[JobSnapshot]:
+    def jobs(self, viewer=ALL) -> list[JobSnapshot]:
         with self._cond:
-            return [self._jobs[j].snapshot for j in self._order]
+            return [self._jobs[j].snapshot for j in self._order if _visible(self._jobs[j].snapshot, viewer)]
 
     def wait(self, job_id: str, timeout: float | None = None) -> JobSnapshot:
         deadline = None if timeout is None else time.time() + timeout
@@ -247,8 +252,9 @@ class JobQueue:
                 self._on_event(job, Cancelled(None, None))
                 continue
             try:
+                owner = {"owner": job.snapshot.owner} if job.snapshot.owner else {}
                 engine.generate(job.request, lambda e, job=job: self._on_event(job, e), job.cancel,
-                                job_id=job.snapshot.job_id)
+                                job_id=job.snapshot.job_id, **owner)
             except Exception as exc:  # noqa: BLE001 - one job fails, the queue goes on with the next
                 log.exception("Job %s failed outside the engine's own handling", job.snapshot.job_id)
                 self._on_event(job, Failed(f"{exc.__class__.__name__}: {exc}".splitlines()[0], None, None))
@@ -266,7 +272,7 @@ def _inside(path, folder: Path) -> Path | None:
     return resolved if resolved.is_file() else None
 
 
-def past_jobs(outputs_dir: str | Path, limit: int = 50) -> list[dict]:
+def past_jobs(outputs_dir: str | Path, limit: int = 50, viewer=ALL) -> list[dict]:
     """Finished or stopped jobs with a video, newest first, read from their sidecars. Only videos inside the
     outputs folder are listed: a sidecar pointing anywhere else (edited, or copied from another machine) is
     skipped and logged, so the gallery never serves a file from elsewhere on the server."""
@@ -280,6 +286,8 @@ def past_jobs(outputs_dir: str | Path, limit: int = 50) -> list[dict]:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             continue
         if not isinstance(record, dict) or record.get("status") not in (FINISHED, CANCELLED, INTERRUPTED):
+            continue
+        if viewer is not ALL and record.get("owner") != viewer:
             continue
         video = _inside(record.get("video"), folder)
         if video is None:

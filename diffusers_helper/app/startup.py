@@ -12,6 +12,7 @@ from typing import Mapping
 
 from .compat import SystemInfo, check, report
 from ..config import LoadedSettings, Settings, SettingsError, load_settings, torch_sdp_flag, weight_format
+from .access import credentials
 from .logs import configure_logging, enabled_libraries
 
 log = logging.getLogger("framepack.startup")
@@ -146,6 +147,11 @@ def start(argv: list[str] | None = None, *, info: SystemInfo | None = None, slee
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     s = loaded.settings
+    try:
+        credentials(s.auth, s.auth_file)
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     problem = output_dir_problem(s.output_dir) or server_problem(s.server)
     if problem:
         print(f"error: {problem}", file=sys.stderr)

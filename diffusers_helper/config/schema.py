@@ -54,6 +54,14 @@ class Settings(JobSettings):
     port: int = _s(0, "FRAMEPACK_PORT", ["--port"], "web app port (0: 7860 or the next free one)", min=0, max=65535)
     share: bool = _s(False, "FRAMEPACK_SHARE", ["--share"], "make a public Gradio link")
     inbrowser: bool = _s(False, "FRAMEPACK_INBROWSER", ["--inbrowser"], "open a browser tab at start")
+    auth: str = _s("", "FRAMEPACK_AUTH", ["--auth"], "sign-in for the web app and its API: user:password pairs, "
+                   "comma-separated (each user then sees and cancels only their own jobs)")
+    auth_file: str = _s("", "FRAMEPACK_AUTH_FILE", ["--auth-file"], "a file with one user:password per line, "
+                        "read at start-up (keeps passwords out of the process list)", kind="path")
+    admin_users: list = _s([], "FRAMEPACK_ADMIN_USERS", ["--admin-users"], "users who see and cancel every job",
+                           kind="csv")
+    max_upload_mb: int = _s(50, "FRAMEPACK_MAX_UPLOAD_MB", ["--max-upload-mb"], "largest upload the web app accepts "
+                            "(MB)", min=1, max=10000)
     skip_compat_wait: bool = _s(False, "FRAMEPACK_SKIP_COMPAT_WAIT", ["--no-compat-wait"],
                                 "do not pause 5 s after a critical compatibility finding")
     log_level: str = _s("INFO", "FRAMEPACK_LOG_LEVEL", ["--log-level"], "logging level",

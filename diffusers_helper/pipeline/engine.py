@@ -41,7 +41,8 @@ Emit = Callable[[Event], None]
 
 
 def new_job_id() -> str:
-    return datetime.now().strftime("%Y%m%d_%H%M%S_") + secrets.token_hex(3)
+    """Sortable by time; 64 random bits, so one user cannot guess another's file names on a shared server."""
+    return datetime.now().strftime("%Y%m%d_%H%M%S_") + secrets.token_hex(8)
 
 
 def versions() -> dict:
@@ -216,7 +217,7 @@ class Engine:
     # -- the job --------------------------------------------------------------------------------------
 
     def generate(self, request: GenerationRequest, emit: Emit, cancel: CancelToken | None = None,
-                 job_id: str | None = None) -> Event:
+                 job_id: str | None = None, owner: str | None = None) -> Event:
         """Run a job to the end, emitting events; returns the terminal event (also emitted)."""
         cancel = cancel or CancelToken()
         t0 = time.perf_counter()
@@ -252,7 +253,7 @@ class Engine:
                           "settings": request.to_record(), "sections": sections,
                           "expected_frames": frame_count(sections, request.latent_window_size), "fps": 30,
                           "input_image": str(files.image), "versions": versions(), "status": "running",
-                          "transformer": self.report.to_record(),
+                          "transformer": self.report.to_record(), "owner": owner,
                           "started": datetime.now().isoformat(timespec="seconds")}
                 write_json(record, files.sidecar)
                 with torch.inference_mode():
