@@ -37,6 +37,30 @@ class FakeBundle:
         return self._models
 
 
+def start_app(out: Path, port: int, cache: Path, **env_extra):
+    """Start `demo_gradio.py --tiny` as a real server process writing to `out`; returns (process, url, log)."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FRAMEPACK_")}
+    env.update(FRAMEPACK_CACHE_DIR=str(cache), FRAMEPACK_OUTPUT_DIR=str(out), GRADIO_ANALYTICS_ENABLED="False",
+               **env_extra)
+    log = out / f"app-{port}.log"
+    proc = subprocess.Popen([sys.executable, "demo_gradio.py", "--tiny", "--port", str(port)], cwd=REPO, env=env,
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    for _ in range(240):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2)
+            return proc, f"http://127.0.0.1:{port}/", log
+        except OSError:
+            assert proc.poll() is None, log.read_text()
+            time.sleep(0.5)
+    proc.kill()
+    raise AssertionError("the app did not start")
+
+
 @pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory) -> Path:
     from diffusers_helper.models.tiny import ensure_tiny_models

@@ -1,16 +1,11 @@
 """A shared server: sign-in, each user's own jobs, an admin who sees all, an upload limit, loud warnings."""
 
-import os
-import subprocess
-import sys
-import time
-import urllib.request
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO
+from conftest import start_app
 from diffusers_helper.app.access import credentials, exposure_warning
 from diffusers_helper.app.jobs import ALL, JobQueue
 from diffusers_helper.config import SettingsError
@@ -56,24 +51,6 @@ def test_each_user_sees_only_their_own_jobs(tmp_path):
         queue.close()
 
 
-def _start(out, port, cache, **env_extra):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FRAMEPACK_")}
-    env.update(FRAMEPACK_CACHE_DIR=str(cache), FRAMEPACK_OUTPUT_DIR=str(out), GRADIO_ANALYTICS_ENABLED="False",
-               **env_extra)
-    log = out / f"app-{port}.log"
-    proc = subprocess.Popen([sys.executable, "demo_gradio.py", "--tiny", "--port", str(port)], cwd=REPO, env=env,
-                            stdout=open(log, "w"), stderr=subprocess.STDOUT)
-    for _ in range(240):
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2)
-            return proc, f"http://127.0.0.1:{port}/", log
-        except OSError:
-            assert proc.poll() is None, log.read_text()
-            time.sleep(0.5)
-    proc.kill()
-    raise AssertionError("the app did not start")
-
-
 def test_two_users_and_an_admin_through_the_api(tiny_root, tmp_path, image_file):
     from gradio_client import Client, handle_file
 
@@ -83,8 +60,8 @@ def test_two_users_and_an_admin_through_the_api(tiny_root, tmp_path, image_file)
     out.mkdir()
     big = tmp_path / "big.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (1200, 1200, 3), dtype=np.uint8)).save(big)
-    proc, url, log = _start(out, _free_port(), tiny_root.parent, FRAMEPACK_AUTH="alice:a-pass,bob:b-pass,root:r-pass",
-                            FRAMEPACK_ADMIN_USERS="root", FRAMEPACK_MAX_UPLOAD_MB="1")
+    proc, url, log = start_app(out, _free_port(), tiny_root.parent, FRAMEPACK_AUTH="alice:a-pass,bob:b-pass,root:r-pass",
+                               FRAMEPACK_ADMIN_USERS="root", FRAMEPACK_MAX_UPLOAD_MB="1")
     try:
         alice = Client(url, auth=("alice", "a-pass"), verbose=False)
         bob = Client(url, auth=("bob", "b-pass"), verbose=False)

@@ -4,16 +4,13 @@ its finished sections in Past videos, and no half-written file is left."""
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import torch
 
-from conftest import REPO
+from conftest import start_app
 from diffusers_helper.app.jobs import FINISHED, QUEUED, RUNNING, JobQueue, past_jobs
 from diffusers_helper.memory.placement import Placement
 from diffusers_helper.pipeline.engine import Engine
@@ -68,23 +65,6 @@ def test_a_new_queue_restores_what_the_last_one_left(tiny_bundles, tmp_path, tes
     assert json.loads((tmp_path / "queue.json").read_text())["jobs"] == []
 
 
-def _start(out, port, cache):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FRAMEPACK_")}
-    env.update(FRAMEPACK_CACHE_DIR=str(cache), FRAMEPACK_OUTPUT_DIR=str(out), GRADIO_ANALYTICS_ENABLED="False")
-    proc = subprocess.Popen([sys.executable, "demo_gradio.py", "--tiny", "--port", str(port)], cwd=REPO, env=env,
-                            stdout=open(out / f"app-{port}.log", "w"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    for _ in range(240):
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return proc, url
-        except OSError:
-            assert proc.poll() is None, (out / f"app-{port}.log").read_text()
-            time.sleep(0.5)
-    proc.kill()
-    raise AssertionError("the app did not start")
-
-
 def test_kill_9_mid_job_then_restart(tiny_root, tmp_path, image_file):
     from gradio_client import Client, handle_file
 
@@ -92,7 +72,7 @@ def test_kill_9_mid_job_then_restart(tiny_root, tmp_path, image_file):
 
     out = tmp_path / "outputs"
     out.mkdir()
-    proc, url = _start(out, _free_port(), tiny_root.parent)
+    proc, url, _ = start_app(out, _free_port(), tiny_root.parent)
     try:
         client = Client(url, verbose=False)
         image = handle_file(str(image_file))
@@ -107,7 +87,7 @@ def test_kill_9_mid_job_then_restart(tiny_root, tmp_path, image_file):
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
-    proc, url = _start(out, _free_port(), tiny_root.parent)
+    proc, url, _ = start_app(out, _free_port(), tiny_root.parent)
     try:
         client = Client(url, verbose=False)
         deadline = time.time() + 120

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-from diffusers_helper.config import SettingsError, Settings, load_settings, setting_fields
+from diffusers_helper.config import SettingsError, load_settings, setting_fields
 from diffusers_helper.config.docs import docs_table, explain
 
 

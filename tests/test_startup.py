@@ -4,7 +4,6 @@ import os
 import sys
 import subprocess
 
-import pytest
 
 from conftest import REPO
 from diffusers_helper.config import Settings
