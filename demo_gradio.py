@@ -167,7 +167,11 @@ def render(app: App, seen: dict, viewer=ALL):
     choice = gr.update() if open_jobs == seen.get("open") else gr.update(choices=open_jobs,
                                                                          value=open_jobs[-1] if open_jobs else None)
     seen["open"] = open_jobs
-    return (video, preview, status_text(snap), bar, gpu_status(), queue_rows(jobs), choice,
+    # the status line changes only when the job does, so a message such as "Cannot start: ..." stays readable
+    state = (snap.job_id, snap.version) if snap is not None else None
+    status = gr.update() if state == seen.get("status_of") and "status_of" in seen else status_text(snap)
+    seen["status_of"] = state
+    return (video, preview, status, bar, gpu_status(), queue_rows(jobs), choice,
             gr.update(), gr.update(interactive=running), seen)  # Start stays on: more jobs queue up
 
 

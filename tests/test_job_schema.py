@@ -126,3 +126,31 @@ def test_help_prints_usage_fast_without_loading_anything():
                  "print(sorted(m for m in ('torch', 'gradio', 'diffusers') if m in sys.modules))")
         proc = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=60)
         assert "usage:" in proc.stdout and proc.stdout.strip().endswith("[]"), (run, proc.stdout[-300:], proc.stderr)
+
+
+def test_the_status_line_changes_only_when_the_job_does(tmp_path):
+    """A message such as 'Cannot start: ...' must not be overwritten by the next poll of an unchanged job."""
+    from dataclasses import replace
+
+    import demo_gradio
+    from diffusers_helper.app.jobs import FINISHED, JobSnapshot
+
+    snap = JobSnapshot(job_id="j1", model="tiny", prompt="p", state=FINISHED, stage="Finished: 37 frames")
+
+    class Queue:
+        current = snap
+
+        def latest(self, viewer=None):
+            return self.current
+
+        def jobs(self, viewer=None):
+            return [self.current]
+
+    queue = Queue()
+    app = demo_gradio.App(queue=queue, outputs_dir=tmp_path, model_labels={"Tiny": "tiny"})
+    seen = {}
+    first = demo_gradio.render(app, seen)[2]
+    again = demo_gradio.render(app, seen)[2]
+    queue.current = replace(snap, version=1, stage="Finished: 73 frames")
+    changed = demo_gradio.render(app, seen)[2]
+    assert "Finished: 37 frames" in first and again == {"__type__": "update"} and "73 frames" in changed
