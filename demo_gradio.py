@@ -26,13 +26,15 @@ from pathlib import Path
 
 import gradio as gr
 from gradio.data_classes import FileData
+from gradio.utils import get_upload_folder  # where Gradio stores every uploaded file
 
 from diffusers_helper.app.gpu_stats import gpu_status
-from diffusers_helper.app.access import credentials, exposure_warning
+from diffusers_helper.app.access import credentials, exposure_warning, inside
 from diffusers_helper.app.jobs import ALL, ENDED, QUEUED, RUNNING, JobQueue, JobSnapshot, past_jobs
 from diffusers_helper.models.loading import WeightsMissingError
 from diffusers_helper.pipeline.request import GenerationRequest, InputError
 from diffusers_helper.config import Settings, job_defaults, job_fields
+from diffusers_helper.config.job import python_type
 from diffusers_helper.app.startup import engine_provider, model_name, start
 
 log = logging.getLogger("framepack.app")
@@ -313,13 +315,12 @@ def _api(app: App) -> None:
 
     P = inspect.Parameter
     d = app.defaults
-    types = {"bool": bool, "int": int, "float": float}
     params = [P("image", P.POSITIONAL_OR_KEYWORD, annotation=FileData),
               P("prompt", P.POSITIONAL_OR_KEYWORD, annotation=str),
               P("model", P.POSITIONAL_OR_KEYWORD, default="", annotation=str),
               P("negative_prompt", P.POSITIONAL_OR_KEYWORD, default="", annotation=str)]
     tail = [P("request", P.POSITIONAL_OR_KEYWORD, default=None, annotation=gr.Request)]  # Gradio fills it in
-    params += [P(f.name, P.POSITIONAL_OR_KEYWORD, default=getattr(d, f.name), annotation=types[f.type])
+    params += [P(f.name, P.POSITIONAL_OR_KEYWORD, default=getattr(d, f.name), annotation=python_type(f))
                for f in job_fields()]
     generate = with_signature(generate, params + tail)
 
@@ -347,20 +348,9 @@ def _file_path(value) -> str | None:
     if value is None:
         return None
     path = value.get("path") if isinstance(value, dict) else getattr(value, "path", None)
-    if not isinstance(path, str) or not _uploaded(path):
+    if not isinstance(path, str) or inside(path, get_upload_folder()) is None:
         raise InputError("the image must be an uploaded file (gradio_client: handle_file(...))")
     return path
-
-
-def _uploaded(path: str) -> bool:
-    """Inside Gradio's upload folder, where every uploaded file is stored."""
-    from gradio.utils import get_upload_folder
-
-    try:
-        Path(path).resolve().relative_to(Path(get_upload_folder()).resolve())
-    except ValueError:
-        return False
-    return True
 
 
 def _snapshot_dict(snap: JobSnapshot) -> dict:

@@ -30,7 +30,7 @@ def build_parser(defaults=None) -> argparse.ArgumentParser:
     """Flags default to the FRAMEPACK_* settings (config file and environment), then the schema's defaults.
     Every per-job control has its flags from `config.job`; the rest are about this run."""
     from .config import Settings, job_fields
-    from .config.job import number
+    from .config.job import number, python_type
 
     s = defaults or Settings()
     models = next(f.metadata["choices"] for f in fields(Settings) if f.name == "model")  # no torch for --help
@@ -51,7 +51,7 @@ def build_parser(defaults=None) -> argparse.ArgumentParser:
                 jobs.add_argument(*m["negative_flags"], dest=f.name, action="store_false",
                                   help=f"turn off: {m['label']}")
         else:
-            jobs.add_argument(*m["flags"], dest=f.name, type={"int": int, "float": float}[f.type], default=default,
+            jobs.add_argument(*m["flags"], dest=f.name, type=python_type(f), default=default,
                               metavar=f.name.upper(), help=f"{m['help']}{limits}; default {default}")
     p.add_argument("--output", default=s.output_dir, help="output folder")
     p.add_argument("--models-dir", default=s.models_dir or None, help="local folder laid out like the HF repos")

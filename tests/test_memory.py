@@ -8,8 +8,8 @@ import torch
 from diffusers_helper.pipeline.engine import Engine
 from diffusers_helper.pipeline.events import Failed, Finished, Stage
 from diffusers_helper.models.loading import load_models
-from diffusers_helper.accel.weights import store_weights_in_fp8
-from diffusers_helper.memory.policy import choose_policy, model_bytes
+from diffusers_helper.accel.weights import model_bytes, store_weights_in_fp8
+from diffusers_helper.memory.policy import choose_policy
 from diffusers_helper.memory.placement import Placement
 from diffusers_helper.pipeline.request import GenerationRequest
 from diffusers_helper.models.tiny import tiny_spec

@@ -15,16 +15,17 @@ log = logging.getLogger("framepack.weights")
 GB = 1024**3
 
 
-def _bytes(model) -> int:
+def model_bytes(model) -> int:
+    """Bytes of a model's weights and buffers, in whatever dtypes they are stored."""
     return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
 
 def store_weights_in_fp8(model, compute_dtype: torch.dtype) -> int:
     """Keep weights as float8_e4m3fn and upcast each layer just before it runs (diffusers' layerwise
     casting): half the bf16 weight memory in RAM and VRAM, at some precision. Returns bytes saved."""
-    before = _bytes(model)
+    before = model_bytes(model)
     model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype)
-    saved = before - _bytes(model)
+    saved = before - model_bytes(model)
     log.info("Transformer weights stored in FP8, computed in %s: %.2f GB saved",
              str(compute_dtype).removeprefix("torch."), saved / GB)
     return saved

@@ -11,6 +11,17 @@ from ..config import SettingsError
 LOOPBACK = {"localhost", "127.0.0.1", "::1"}
 
 
+def inside(path, folder) -> Path | None:
+    """`path` resolved (links followed) if it lies inside `folder`, else None: the one check behind "the server
+    opens only uploads" and "the gallery serves only outputs"."""
+    try:
+        resolved = Path(path).resolve()
+        resolved.relative_to(Path(folder).resolve())
+    except (TypeError, ValueError, OSError):
+        return None
+    return resolved
+
+
 def credentials(auth: str, auth_file: str = "") -> list[tuple[str, str]]:
     """user:password pairs from FRAMEPACK_AUTH (comma-separated) and FRAMEPACK_AUTH_FILE (one a line; # comments)."""
     entries = [("FRAMEPACK_AUTH", part) for part in auth.split(",") if part.strip()]

@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from ..pipeline.engine import new_job_id
-from ..pipeline.events import Cancelled, Failed, Finished, SectionFinished, Stage, StepProgress
+from ..pipeline.events import Cancelled, Failed, Finished, SectionFinished, Stage, StepProgress, one_line
 from ..pipeline.request import GenerationRequest, InputError
 from ..pipeline.sampling import CancelToken
+from .access import inside
 from .journal import INTERRUPTED, Journal
 
 log = logging.getLogger("framepack.jobs")
@@ -100,10 +101,13 @@ class JobQueue:
         except InputError as exc:
             log.warning("Queued job %s from the last run is dropped: %s", job.job_id, exc)
             return
-        snap = JobSnapshot(job_id=job.job_id, model=job.model, prompt=request.prompt, submitted=time.time(),
-                           stage="Waiting in the queue (restored after a restart)")
-        self._jobs[job.job_id] = _Job(snap, request)
-        self._order.append(job.job_id)
+        self._add(JobSnapshot(job_id=job.job_id, model=job.model, prompt=request.prompt, submitted=time.time(),
+                              stage="Waiting in the queue (restored after a restart)"), request)
+
+    def _add(self, snap: JobSnapshot, request: GenerationRequest) -> None:
+        """Append a queued job and save the queue (caller holds the condition, or nothing runs yet)."""
+        self._jobs[snap.job_id] = _Job(snap, request)
+        self._order.append(snap.job_id)
         self._save()
 
     def _save(self) -> None:
@@ -126,10 +130,8 @@ class JobQueue:
             job_id = new_job_id()
             if self.journal is not None:
                 self.journal.save_image(job_id, request.image)
-            snap = JobSnapshot(job_id=job_id, model=model, prompt=request.prompt, submitted=time.time(), owner=owner)
-            self._jobs[job_id] = _Job(snap, request)
-            self._order.append(job_id)
-            self._save()
+            self._add(JobSnapshot(job_id=job_id, model=model, prompt=request.prompt, submitted=time.time(),
+                                  owner=owner), request)
             self._cond.notify_all()
         log.info("Queued job %s (%s)", job_id, model)
         return job_id
@@ -257,19 +259,9 @@ class JobQueue:
                                 job_id=job.snapshot.job_id, **owner)
             except Exception as exc:  # noqa: BLE001 - one job fails, the queue goes on with the next
                 log.exception("Job %s failed outside the engine's own handling", job.snapshot.job_id)
-                self._on_event(job, Failed(f"{exc.__class__.__name__}: {exc}".splitlines()[0], None, None))
+                self._on_event(job, Failed(one_line(exc), None, None))
             if job.snapshot.state not in ENDED:  # the engine ended without a terminal event
                 self._on_event(job, Failed("the job ended without a result", None, None))
-
-
-def _inside(path, folder: Path) -> Path | None:
-    """`path` resolved, if it is a file inside `folder` (links followed); else None."""
-    try:
-        resolved = Path(path).resolve()
-        resolved.relative_to(folder)
-    except (TypeError, ValueError, OSError):
-        return None
-    return resolved if resolved.is_file() else None
 
 
 def past_jobs(outputs_dir: str | Path, limit: int = 50, viewer=ALL) -> list[dict]:
@@ -289,8 +281,8 @@ def past_jobs(outputs_dir: str | Path, limit: int = 50, viewer=ALL) -> list[dict
             continue
         if viewer is not ALL and record.get("owner") != viewer:
             continue
-        video = _inside(record.get("video"), folder)
-        if video is None:
+        video = inside(record.get("video"), folder)
+        if video is None or not video.is_file():
             if record.get("video"):
                 log.warning("Past videos: skipping %s, whose video is not a file in the outputs folder", path.name)
             continue

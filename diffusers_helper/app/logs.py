@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 
+from ..config.formats import BNB_BITS, TORCHAO_BITS
+
 # library -> loggers whose import-time chatter concerns only that library
 OPTIONAL_LOGGERS = {
     "torchao": ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer"),
@@ -20,25 +22,21 @@ QUIET_INFO = ("httpx",)
 
 
 def configure_logging(level: str = "INFO", enabled: set[str] | frozenset = frozenset(),
-                      fmt: str = "%(asctime)s %(name)s: %(message)s") -> list[str]:
-    """Set up the root logger (stderr); returns the optional libraries quieted."""
+                      fmt: str = "%(asctime)s %(name)s: %(message)s") -> None:
+    """Set up the root logger (stderr), quieting the optional libraries not in `enabled`."""
     logging.basicConfig(level=getattr(logging, level), format=fmt)
     for name in QUIET_INFO:
         logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger().level))
-    quieted = []
     for library, loggers in OPTIONAL_LOGGERS.items():
-        if library in enabled:
-            continue
-        for name in loggers:
-            logging.getLogger(name).setLevel(logging.ERROR)
-        quieted.append(library)
-    return quieted
+        if library not in enabled:
+            for name in loggers:
+                logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def enabled_libraries(weight_format: str) -> set[str]:
-    """The optional libraries a weight format uses ("int8"/"int4": torchao; "bnb8"/"nf4": bitsandbytes)."""
-    if weight_format in ("int8", "int4"):
+    """The optional libraries a weight format uses: torchao for its integer formats, bitsandbytes for its own."""
+    if weight_format in TORCHAO_BITS:
         return {"torchao"}
-    if weight_format in ("bnb8", "nf4"):
+    if weight_format in BNB_BITS:
         return {"bitsandbytes"}
     return set()

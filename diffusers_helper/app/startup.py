@@ -139,6 +139,15 @@ def server_problem(host: str) -> str | None:
     return None
 
 
+def credentials_problem(settings: Settings) -> str | None:
+    """Why the sign-in settings cannot be used, or None."""
+    try:
+        credentials(settings.auth, settings.auth_file)
+    except SettingsError as exc:
+        return str(exc)
+    return None
+
+
 def start(argv: list[str] | None = None, *, info: SystemInfo | None = None, sleep=None) -> LoadedSettings:
     """Load and check settings; on a bad value print one line and exit with code 2."""
     try:
@@ -147,12 +156,7 @@ def start(argv: list[str] | None = None, *, info: SystemInfo | None = None, slee
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     s = loaded.settings
-    try:
-        credentials(s.auth, s.auth_file)
-    except SettingsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    problem = output_dir_problem(s.output_dir) or server_problem(s.server)
+    problem = credentials_problem(s) or output_dir_problem(s.output_dir) or server_problem(s.server)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         raise SystemExit(2)

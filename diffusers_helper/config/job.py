@@ -104,14 +104,15 @@ class JobValueError(ValueError):
     """A job value out of its declared type or range; the message is one line naming the control."""
 
 
-def _pytype(f):
-    return {"bool": bool, "int": int, "float": float, "str": str}[str(f.type)]
+def python_type(f):
+    """A settings or job field's Python type (annotations are strings here); text for anything else."""
+    return {"bool": bool, "int": int, "float": float, "str": str, "list": list}.get(str(f.type), str)
 
 
 def coerce(f, value: Any):
     """The value in its field's type: whole numbers for int fields (2.7 is refused, 3.0 is 3), finite numbers for
     floats, real booleans for switches; text that spells a number is accepted (API clients send text)."""
-    t, what = _pytype(f), f.metadata["what"]
+    t, what = python_type(f), f.metadata["what"]
     if t is bool:
         if isinstance(value, bool):
             return value

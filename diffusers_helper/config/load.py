@@ -13,10 +13,13 @@ from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
+from .job import python_type
 from .schema import (ACTIVE, CONFIG_ALIASES, FALSE_WORDS, NOT_OFFERED, PLANNED, TRUE_WORDS, Settings,
                      SettingsError)
 
 log = logging.getLogger("framepack.settings")
+_NOT_OFFERED = {n.name: n for n in NOT_OFFERED}
+_NOT_OFFERED_ENV = {n.env for n in NOT_OFFERED}
 
 
 @dataclass(frozen=True)
@@ -48,16 +51,12 @@ def _type_name(f) -> str:
         return "list (comma-separated)"
     if kind == "path":
         return "path"
-    return {bool: "bool", int: "int", float: "float", str: "str", list: "list"}.get(_pytype(f), str(f.type))
-
-
-def _pytype(f):
-    return {"bool": bool, "int": int, "float": float, "str": str, "list": list}.get(str(f.type), str)
+    return {bool: "bool", int: "int", float: "float", str: "str", list: "list"}.get(python_type(f), str(f.type))
 
 
 def accepted(f) -> str:
     m = f.metadata
-    t = _pytype(f)
+    t = python_type(f)
     if m["choices"]:
         return ", ".join(str(c) for c in m["choices"])
     if t is bool:
@@ -72,7 +71,7 @@ def accepted(f) -> str:
 def parse_value(f, raw: Any, origin: str):
     """Convert and check one raw value (text from env/CLI, or YAML scalars)."""
     m = f.metadata
-    t = _pytype(f)
+    t = python_type(f)
 
     def bad(reason: str = ""):
         extra = f" ({reason})" if reason else ""
@@ -155,11 +154,10 @@ def _read_config(path: Path, by_name: dict, explicit: bool, warnings: list[str])
     if not isinstance(data, Mapping):
         raise SettingsError(f"config file {path} must be a mapping of setting names to values")
     values = {}
-    not_offered = {n.name: n for n in NOT_OFFERED}
     for dotted, value in _flatten(data).items():
         key = dotted.rsplit(".", 1)[-1]
         name = CONFIG_ALIASES.get(key, key)
-        if name in not_offered:
+        if name in _NOT_OFFERED:
             values[name] = (value, f"{path}:{dotted}")  # reported by load_settings as having no effect
             continue
         if name not in by_name:
@@ -184,7 +182,7 @@ def build_parser(add_help: bool = True, prog: str | None = None, description: st
         if not m["flags"] and not m["negative_flags"]:
             continue
         help_text = m["help"] + ("" if m["status"] == ACTIVE else f" [{m['status']}]")
-        if _pytype(f) is bool:
+        if python_type(f) is bool:
             if m["flags"]:
                 p.add_argument(*m["flags"], dest=f.name, action="store_const", const="1", help=help_text)
             if m["negative_flags"]:
@@ -212,10 +210,9 @@ def load_settings(argv: list[str] | None = None, env: Mapping[str, str] | None =
     sources = {name: Source("default") for name in by_name}
     warnings: list[str] = []
 
-    not_offered = {n.name: n for n in NOT_OFFERED}
     ignored: list[tuple[str, str, object]] = []  # (name, where, value) of settings not offered here
     for name, (raw, where) in _read_config(cfg_path, by_name, explicit_config, warnings).items():
-        if name in not_offered:
+        if name in _NOT_OFFERED:
             ignored.append((name, where, raw))
             continue
         values[name] = parse_value(by_name[name], raw, where)
@@ -227,9 +224,8 @@ def load_settings(argv: list[str] | None = None, env: Mapping[str, str] | None =
             ignored.append((n.name, n.flags[0], args.pop(f"not_offered:{n.name}")))
 
     env_fields = _by_env()
-    offered_env = {n.env for n in NOT_OFFERED}
     for var, raw in env.items():
-        if not var.startswith("FRAMEPACK_") or var in offered_env:
+        if not var.startswith("FRAMEPACK_") or var in _NOT_OFFERED_ENV:
             continue
         f = env_fields.get(var)
         if f is None:
@@ -257,7 +253,7 @@ def load_settings(argv: list[str] | None = None, env: Mapping[str, str] | None =
             what = "not available in this version" if m["status"] == PLANNED else "not offered"
             warnings.append(f"{label}: {what} ({m['note']}); the value {values[name]!r} has no effect")
     for name, where, raw in ignored:
-        warnings.append(f"{where}: not offered ({not_offered[name].reason}); the value {raw!r} has no effect")
+        warnings.append(f"{where}: not offered ({_NOT_OFFERED[name].reason}); the value {raw!r} has no effect")
     for var in ("PYTORCH_ENABLE_FLASH_SDP", "PYTORCH_ENABLE_MEM_EFFICIENT_SDP"):
         if var in env:
             torch_sdp_flag(env, var)  # a bad value stops start-up like any other

@@ -27,7 +27,8 @@ import torch
 
 from .block_stream import BlockStreamer
 from ..accel.quant import has_quantized_weights
-from .policy import EVERYTHING_GB, choose_policy, cuda_free_bytes, get_cuda_free_memory_gb, get_free_ram_gb, model_bytes
+from ..accel.weights import model_bytes
+from .policy import EVERYTHING_GB, choose_policy, cuda_free_bytes, get_cuda_free_memory_gb, get_free_ram_gb
 
 MODEL_ROLES = ("text_encoder", "text_encoder_2", "image_encoder", "transformer", "vae")
 

@@ -1,5 +1,5 @@
-"""What memory there is (free VRAM within any per-process cap, free RAM, a model's bytes) and the
-placement policy that follows from it."""
+"""What memory there is (free VRAM within any per-process cap, free RAM) and the placement policy that
+follows from it."""
 
 from __future__ import annotations
 
@@ -46,11 +46,6 @@ def get_free_ram_gb() -> float:
         return psutil.virtual_memory().available / GB
     except ImportError:  # pragma: no cover - psutil ships with gradio
         return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")) / GB
-
-
-def model_bytes(model) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters()) + \
-        sum(b.numel() * b.element_size() for b in model.buffers())
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from .buckets import find_nearest_bucket, resize_and_center_crop
 from .conditioning import encode_prompt, image_to_tensor, siglip_embed, vae_encode
 from ..vae.decode import SectionDecoder, VideoAccumulator
 from .finisher import SectionFinisher
-from .events import TERMINAL, Cancelled, Event, Failed, Finished, Stage, StepProgress
+from .events import TERMINAL, Cancelled, Event, Failed, Finished, Stage, StepProgress, one_line
 from ..memory.placement import MemoryPolicy, Placement
 from ..media.preview import latent_preview
 from .request import GenerationRequest, InputError
@@ -146,19 +146,23 @@ class Engine:
             change += "; decoding each section before sampling the next"
         return change
 
-    def _stepping_down(self, what: str, run, record: dict, emit: Emit):
-        """`run()`, retried after each out-of-memory step-down until it fits or nothing is left to give up."""
+    def _stepping_down(self, where: str, run, record: dict, emit: Emit, finisher: SectionFinisher | None = None,
+                       retrying: str = "retrying", before_retry=None):
+        """`run()`, retried after each out-of-memory step-down until it fits or nothing is left to give up; each
+        step-down is logged, shown and kept in the sidecar."""
         while True:
             try:
                 return run()
             except torch.cuda.OutOfMemoryError:
-                change = self._recover_from_oom()
+                change = self._recover_from_oom(finisher)
                 if change is None:
                     raise
-                msg = f"Out of GPU memory while {what}: {change}, retrying"
+                msg = f"Out of GPU memory {where}: {change}, {retrying}"
                 log.warning(msg)
                 record.setdefault("oom_recoveries", []).append(msg)
                 emit(Stage(msg))
+                if before_retry is not None:
+                    before_retry()
 
     def _set_precision(self, mixed: bool) -> None:
         """Mixed precision off computes the transformer in float32 (twice the memory, no rounding)."""
@@ -276,7 +280,7 @@ class Engine:
                 return finish(Failed(msg, *kept()), "failed", msg)
             except Exception as exc:  # noqa: BLE001 - the user gets one line, the log gets the trace
                 log.error("Job failed:\n%s", traceback.format_exc())
-                msg = f"{exc.__class__.__name__}: {exc}".splitlines()[0]
+                msg = one_line(exc)
                 return finish(Failed(msg, *kept()), "failed", msg)
             finally:
                 if self.device.type == "cuda":
@@ -288,11 +292,12 @@ class Engine:
     def _run(self, request, files, sections, emit, cancel, t0, record) -> Path:
         b = self.bundle
         emit(Stage("Encoding prompt"))
-        pos, neg = self._stepping_down("encoding the prompt", lambda: self._encode_prompts(request), record, emit)
+        pos, neg = self._stepping_down("while encoding the prompt", lambda: self._encode_prompts(request), record,
+                                       emit)
         cancel.raise_if_cancelled()
         emit(Stage("Encoding image"))
         image, start_latent, image_embeds = self._stepping_down(
-            "encoding the image", lambda: self._encode_image(request, files), record, emit)
+            "while encoding the image", lambda: self._encode_image(request, files), record, emit)
         cancel.raise_if_cancelled()
         height, width = image.shape[:2]
         record["bucket"] = [height, width]
@@ -330,23 +335,15 @@ class Engine:
                     emit(StepProgress(section=k + 1, sections=sections, step=info.step + 1, steps=info.steps,
                                       preview=latent_preview(info.denoised), elapsed_s=time.perf_counter() - t0))
 
-                while True:
-                    try:
-                        latents = sample_section(b.transformer, noise=noise, steps=request.steps,
-                                                 positive={**positive, **section_kwargs},
-                                                 negative={**negative, **section_kwargs}, guidance=guidance,
-                                                 dtype=dtype, device=device, on_step=on_step, cancel=cancel)
-                        break
-                    except torch.cuda.OutOfMemoryError:
-                        change = self._recover_from_oom(finisher)
-                        if change is None:
-                            raise
-                        msg = (f"Out of GPU memory in section {k + 1}/{sections}: {change}, "
-                               "retrying the section")
-                        log.warning(msg)
-                        record.setdefault("oom_recoveries", []).append(msg)
-                        emit(Stage(msg))
-                        cache.reset(request.steps)  # the same noise: the retry gives the same section
+                def sample(on_step=on_step):
+                    return sample_section(b.transformer, noise=noise, steps=request.steps,
+                                          positive={**positive, **section_kwargs},
+                                          negative={**negative, **section_kwargs}, guidance=guidance, dtype=dtype,
+                                          device=device, on_step=on_step, cancel=cancel)
+
+                # the same noise: the retry gives the same section
+                latents = self._stepping_down(f"in section {k + 1}/{sections}", sample, record, emit, finisher,
+                                              "retrying the section", lambda: cache.reset(request.steps))
                 schedule.add(k, latents)
                 note = cache.note(request.steps)
                 if note:
@@ -381,7 +378,7 @@ def iter_events(engine: Engine, request: GenerationRequest, cancel: CancelToken 
             engine.generate(request, events.put, cancel, job_id)
         except BaseException as exc:  # noqa: BLE001 - the consumer must get a terminal event, never wait forever
             log.exception("The job's thread failed")
-            events.put(Failed(f"{exc.__class__.__name__}: {exc}".splitlines()[0], None, None))
+            events.put(Failed(one_line(exc), None, None))
 
     worker = threading.Thread(target=run, daemon=True)
     worker.start()

@@ -55,6 +55,11 @@ class Failed:
     sidecar_path: Path | None
 
 
+def one_line(exc: BaseException) -> str:
+    """An unexpected error as the one line a user sees: its type and the first line of its message."""
+    return f"{exc.__class__.__name__}: {exc}".splitlines()[0]
+
+
 @dataclass(frozen=True)
 class Cancelled:
     video_path: Path | None
