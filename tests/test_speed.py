@@ -68,21 +68,31 @@ def test_prepare_reports_each_step_in_the_declared_order(tiny_root, tmp_path, te
                            attention=AttentionConfig(backend="math"))
     engine = Engine(bundle, Placement(torch.device("cpu"), "full"), outputs_dir=tmp_path, plan=plan)
     report = engine.report
-    assert [s.step for s in report.steps] == ["weights", "step_cache", "placement", "compile", "attention"]
+    assert [s.step for s in report.steps] == ["weights", "compile", "step_caches", "placement", "attention"]
     fp8 = report["weights"].details["fp8_linears"]
     assert fp8 > 0 and report["compile"].details["compiled_blocks"] == 2 and report["attention"].summary == "math"
-    assert report.to_record()["step_cache"].startswith("TeaCache") and engine.step_cache is report.step_cache
+    assert report.to_record()["step_caches"].startswith("teacache, magcache, fbcache, taylorseer")
+    assert engine.step_caches is report.step_caches
     compiled_forward = bundle.transformer.transformer_blocks[0].forward
     again = Engine(bundle, Placement(torch.device("cpu"), "full"), outputs_dir=tmp_path, plan=plan).report
     assert again["weights"].details == {} and again["compile"].summary == "already compiled"  # nothing twice
     assert bundle.transformer.transformer_blocks[0].forward == compiled_forward
     assert sum(1 for m in bundle.transformer.modules() if type(m).__name__ == "FP8Linear") == fp8
-    assert again.step_cache is report.step_cache  # one set of hooks
-    final = engine.generate(GenerationRequest(prompt="x", image=test_image, seconds=1, steps=1, use_teacache=False),
+    assert again.step_caches is report.step_caches  # one set of hooks
+    final = engine.generate(GenerationRequest(prompt="x", image=test_image, seconds=1, steps=1, cache="none"),
                             lambda e: None)
     import json
 
     assert json.loads(final.sidecar_path.read_text())["transformer"] == report.to_record()
+    # compile and a step cache compose: the cache's hooks run outside the compiled blocks, so its per-step state
+    # never becomes a guard and skipping steps compiles nothing new (it used to recompile until dynamo gave up)
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"]["unique_graphs"]
+    cached = engine.generate(GenerationRequest(prompt="x", image=test_image, seconds=1, steps=6, cache="teacache",
+                                               teacache_threshold=1.0), lambda e: None)
+    assert json.loads(cached.sidecar_path.read_text())["step_cache"]["sections"][0]["skipped"] == 4
+    assert counters["stats"]["unique_graphs"] == graphs
     set_attention_backend(bundle.transformer, "native")
 
 
@@ -134,7 +144,7 @@ def _assert_reload_close(first, second, unconverted_provider, image, sampled_lat
     from diffusers_helper.parity import relative_l2
     from diffusers_helper.pipeline.request import GenerationRequest
 
-    req = dict(prompt="x", seconds=1, steps=2, use_teacache=False)
+    req = dict(prompt="x", seconds=1, steps=2, cache="none")
     runs = {}
     for name, engine in (("first", first), ("second", second), ("plain", unconverted_provider.get("tiny"))):
         engine.generate(GenerationRequest(image=image, **req), lambda e: None)

@@ -1,5 +1,12 @@
 """Regional torch.compile of the transformer: one dual-stream and one single-stream block graph, reused for
-all 60 blocks, with Inductor's caches on disk so a second launch does not compile again."""
+all 60 blocks, with Inductor's caches on disk so a second launch does not compile again.
+
+Only each block's own `forward` is compiled, innermost: step-cache hooks (diffusers' hook registry) and the
+block streamer's module hooks stay outside the graph, in Python. diffusers' `compile_repeated_blocks` compiles
+`module._call_impl` instead, which traces every hook too: a cache's per-step Python state then becomes guards,
+each change recompiles, and after `recompile_limit` (8) dynamo silently runs those blocks eagerly, which is
+why TeaCache with compile used to gain nothing.
+"""
 
 from __future__ import annotations
 
@@ -32,16 +39,36 @@ def use_compile_cache(cache_dir: str | Path) -> Path:
     return path
 
 
+def _compile_innermost(block, compiled) -> None:
+    """Wrap the block's own forward, beneath any diffusers hooks already registered on it."""
+    registry = getattr(block, "_diffusers_hook", None)
+    refs = getattr(registry, "_fn_refs", [])
+    if not refs:
+        block.forward = compiled(block.forward)
+        return
+    inner = refs[0]  # the first hook registered wraps the module's own forward
+    if inner.original_forward is not None:
+        inner.original_forward = compiled(inner.original_forward)
+    else:
+        inner.forward = compiled(inner.forward)
+
+
 def compile_blocks(transformer, mode: str = "default") -> int:
     """Regional compile of the repeated blocks; returns how many blocks were compiled."""
-    if not hasattr(transformer, "compile_repeated_blocks"):
-        raise TypeError("this transformer has no compile_repeated_blocks (needs diffusers' ModelMixin)")
-    transformer._repeated_blocks = REPEATED_BLOCKS  # the FramePack class does not declare them
+    import torch
+
     kwargs = {} if mode == "default" else {"mode": mode}
     # dynamic=None: the first shape compiles static kernels; a second text length (prompts differ) marks that
-    # dimension dynamic once, instead of recompiling for every prompt length
-    transformer.compile_repeated_blocks(dynamic=None, **kwargs)
-    count = sum(1 for m in transformer.modules() if m.__class__.__name__ in REPEATED_BLOCKS)
+    # dimension dynamic once, instead of recompiling for every prompt length. All blocks of one class share
+    # their forward's code object, so dynamo compiles one graph per class and reuses it for every block.
+    compiled = lambda fn: torch.compile(fn, dynamic=None, **kwargs)  # noqa: E731
+    count = 0
+    for module in transformer.modules():
+        if module.__class__.__name__ in REPEATED_BLOCKS:
+            _compile_innermost(module, compiled)
+            count += 1
+    if not count:
+        raise TypeError("this transformer has none of the repeated blocks " + ", ".join(REPEATED_BLOCKS))
     log.info("torch.compile enabled for transformer (%d repeated blocks, mode %s)", count, mode)
     return count
 
