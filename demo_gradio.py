@@ -44,6 +44,8 @@ QUICK_PROMPTS = [
     "A character doing some simple body movements.",
     "The camera slowly pushes in while the subject turns their head and smiles.",
 ]
+CACHE_LABELS = {"none": "None", "teacache": "TeaCache", "magcache": "MagCache", "fbcache": "First-block cache",
+                "taylorseer": "TaylorSeer"}
 MAX_SEED = next(f.metadata["max"] for f in job_fields() if f.name == "seed")
 CSS = """
 .fp-progress {margin: 4px 0}
@@ -95,10 +97,14 @@ def default_values(d: Settings) -> dict:
     return {"prompt": "", "negative_prompt": "", **job_defaults(d)}
 
 
-def job_widget(f, value):
-    """The widget of one job field, from its declaration: label, help, limits, step."""
+def job_widget(f, value, cache: str = ""):
+    """The widget of one job field, from its declaration: label, help, limits, step. A step cache's knob shows
+    only while that cache is chosen."""
     m = f.metadata
-    common = dict(label=m["label"], value=value, elem_id=m["elem_id"], visible=m["section"] != "hidden")
+    visible = m["section"] != "hidden" and (m["shown_with"] is None or m["shown_with"] == cache)
+    common = dict(label=m["label"], value=value, elem_id=m["elem_id"] or f.name.replace("_", "-"), visible=visible)
+    if m["choices"]:
+        return gr.Dropdown(choices=[(CACHE_LABELS.get(c, c), c) for c in m["choices"]], info=m["help"], **common)
     if f.type == "bool":
         return gr.Checkbox(info=m["help"], **common)
     if m["widget"] == "number":
@@ -215,7 +221,7 @@ def build_app(app: App) -> gr.Blocks:
                                 controls["seed"] = job_widget(f, d.seed)
                                 randomize = gr.Button("Random seed", size="sm")
                         else:
-                            controls[f.name] = job_widget(f, getattr(d, f.name))
+                            controls[f.name] = job_widget(f, getattr(d, f.name), d.cache)
                 with gr.Accordion("Performance Tuning", open=False, elem_id="performance"):
                     for f in job_fields():
                         if f.metadata["section"] == "performance":
@@ -286,6 +292,10 @@ def build_app(app: App) -> gr.Blocks:
         cancel_btn.click(on_cancel, inputs=job_choice, outputs=status, api_name="cancel_job", show_progress="hidden")
         controls["cfg"].change(lambda v: gr.update(visible=v > 1.0), inputs=controls["cfg"], outputs=negative,
                                queue=False, api_visibility="private")  # the negative prompt matters only with CFG
+        knobs = [f for f in job_fields() if f.metadata["shown_with"]]
+        controls["cache"].change(lambda c: [gr.update(visible=f.metadata["shown_with"] == c) for f in knobs],
+                                 inputs=controls["cache"], outputs=[controls[f.name] for f in knobs], queue=False,
+                                 api_visibility="private")  # each cache's own knobs, under the choice
         randomize.click(lambda: random.randint(0, MAX_SEED), outputs=controls["seed"], queue=False,
                         api_visibility="private")
         refresh_btn.click(on_refresh, outputs=[gallery, records], api_visibility="private")

@@ -93,7 +93,7 @@ def main():
 
         bundle = build_bundle("framepack", "cuda")
         req = dict(prompt="a woman dances", image=image(640, 640), seconds=3.6, latent_window_size=9,
-                   steps=args.steps, use_teacache=True)
+                   steps=args.steps, cache="teacache")
         for mode in ("off", "on", "off", "on"):
             engine = Engine(bundle, Placement(dev, "full"), outputs_dir=out_dir, async_decode=mode)
             key = f"3_sections_teacache_async_{mode}"
@@ -109,7 +109,7 @@ def main():
         for teacache in (False, True):
             key = f"tiny_{policy}" + ("_teacache" if teacache else "")
             results[key] = run(engine, GenerationRequest(prompt="a cat", image=image(96, 128), seconds=2.4,
-                                                         steps=4, use_teacache=teacache), out_dir)
+                                                         steps=4, cache="teacache" if teacache else "none"), out_dir)
             print(key, results[key], flush=True)
     del tiny, engine
 
@@ -121,9 +121,9 @@ def main():
     req = dict(prompt="a woman dances", image=image(640, 640), seconds=1.2, latent_window_size=9)
     if not args.skip_full:
         engine = Engine(bundle, Placement(dev, "full"), outputs_dir=out_dir)
-        results["full_640"] = run(engine, GenerationRequest(**req, steps=args.steps, use_teacache=False), out_dir)
+        results["full_640"] = run(engine, GenerationRequest(**req, steps=args.steps, cache="none"), out_dir)
         print("full", results["full_640"], flush=True)
-        results["full_640_teacache"] = run(engine, GenerationRequest(**req, steps=args.steps, use_teacache=True),
+        results["full_640_teacache"] = run(engine, GenerationRequest(**req, steps=args.steps, cache="teacache"),
                                            out_dir)
         print("full+teacache", results["full_640_teacache"], flush=True)
 
@@ -138,7 +138,7 @@ def main():
     results["swap_setup_s"] = round(time.perf_counter() - t, 2)
     for teacache in (False, True):
         key = "swap_640" + ("_teacache" if teacache else "")
-        results[key] = run(engine, GenerationRequest(**req, steps=args.swap_steps, use_teacache=teacache), out_dir)
+        results[key] = run(engine, GenerationRequest(**req, steps=args.swap_steps, cache="teacache" if teacache else "none"), out_dir)
         print(key, results[key], flush=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))

@@ -36,7 +36,7 @@ def _image(size: int) -> np.ndarray:
 
 def run(engine: Engine, steps: int, out: Path) -> dict:
     request = GenerationRequest(prompt="a woman dances", image=_image(640), seconds=1.2, steps=steps,
-                                use_teacache=False, gpu_memory_preservation_gb=0)
+                                cache="none", gpu_memory_preservation_gb=0)
     stages = []
     t0 = time.perf_counter()
     final = engine.generate(request, lambda e: stages.append((round(time.perf_counter() - t0, 2),

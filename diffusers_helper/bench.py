@@ -1,6 +1,7 @@
 """Transformer speed benchmark.
 
     python -m diffusers_helper.bench [--configs eager,cudnn,compile,compile+cudnn] [--out bench.json]
+    python -m diffusers_helper.bench --e2e ...   (whole jobs per step cache: pipeline/e2e.py)
 
 On a GPU it builds the full-size FramePack transformer with random bf16 weights (no download) and
 uses the 640x640 bucket, window 9 (about 18.6k tokens with the history); on the CPU the tiny model
@@ -129,6 +130,11 @@ def bench_config(name, transformer, cond, noise, dtype, device, repeats, flops, 
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--e2e" in argv:  # whole jobs through the engine, per step cache and acceleration
+        from .pipeline.e2e import main as e2e
+
+        return e2e(argv)
     ap = argparse.ArgumentParser(prog="python -m diffusers_helper.bench", description=__doc__.splitlines()[0])
     ap.add_argument("--configs", default="eager,cudnn,compile,compile+cudnn",
                     help="comma-separated; each joins with '+' a weight format (bf16 by default, fp32 with TF32 "

@@ -51,8 +51,14 @@ def build_parser(defaults=None) -> argparse.ArgumentParser:
                 jobs.add_argument(*m["negative_flags"], dest=f.name, action="store_false",
                                   help=f"turn off: {m['label']}")
         else:
+            choices = f" (one of {', '.join(m['choices'])})" if m["choices"] else ""
             jobs.add_argument(*m["flags"], dest=f.name, type=python_type(f), default=default,
-                              metavar=f.name.upper(), help=f"{m['help']}{limits}; default {default}")
+                              metavar=f.name.upper(), help=f"{m['help']}{limits}{choices}; default {default}")
+        for flag, value in m["const_flags"].items():
+            jobs.add_argument(flag, dest=f.name, action="store_const", const=value, help=f"same as {m['flags'][0]} "
+                              f"{value}")
+    jobs.add_argument("--cache-threshold", type=float, default=None, metavar="X",
+                      help="the chosen step cache's threshold (TaylorSeer: its interval)")
     p.add_argument("--output", default=s.output_dir, help="output folder")
     p.add_argument("--models-dir", default=s.models_dir or None, help="local folder laid out like the HF repos")
     p.add_argument("--offline", action="store_true", default=s.offline, help="never download (HF_HUB_OFFLINE=1)")
@@ -68,8 +74,14 @@ def request_from_args(args) -> GenerationRequest:
 
     if args.model not in MODEL_NAMES:
         raise InputError(f"unknown model {args.model!r}; choose one of {', '.join(MODEL_NAMES)}")
+    from .config.job import cache_threshold_field
+
+    values = {f.name: getattr(args, f.name) for f in job_fields()}
+    target = cache_threshold_field(str(values["cache"]).lower())
+    if args.cache_threshold is not None and target is not None:
+        values[target] = args.cache_threshold
     return GenerationRequest(prompt=args.prompt, image=load_image(args.image), negative_prompt=args.negative_prompt,
-                             **{f.name: getattr(args, f.name) for f in job_fields()}).validate()
+                             **values).validate()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -68,14 +68,14 @@ def _run(bundle, placement, tmp_path, encoded_frames, test_image, **kw):
 def test_streamed_blocks_give_identical_video(deep_bundle, tiny_root, tmp_path, encoded_frames, test_image,
                                               budget_blocks):
     reference, _, _ = _run(_deep_bundle(tiny_root), Placement(torch.device("cpu"), "full"), tmp_path / "a",
-                           encoded_frames, test_image, use_teacache=False)
+                           encoded_frames, test_image, cache="none")
     t = deep_bundle.transformer
     block = _layout(t.transformer_blocks[0])[1]  # the largest block, as laid out for copying
     other = sum(p.numel() * p.element_size() for n, c in t.named_children()
                 if not n.endswith("transformer_blocks") for p in c.parameters())
     free = other + budget_blocks * block + 3 * block + 4096  # room for some blocks and the ring of slots
     placement = Placement(torch.device("cpu"), "swap", probe=lambda: (free, 0))
-    frames, engine, _ = _run(deep_bundle, placement, tmp_path / "b", encoded_frames, test_image, use_teacache=False)
+    frames, engine, _ = _run(deep_bundle, placement, tmp_path / "b", encoded_frames, test_image, cache="none")
     streamer = streamer_of(deep_bundle.transformer)
     assert (streamer.resident_count > 0) == (budget_blocks > 0)
     assert streamer.resident_count < len(streamer.blocks) and streamer.bytes_copied > 0  # some were streamed
@@ -87,10 +87,10 @@ def test_streamed_blocks_give_identical_video(deep_bundle, tiny_root, tmp_path, 
 
 def test_teacache_skipped_steps_move_no_blocks(deep_bundle, tmp_path, encoded_frames, test_image):
     placement = Placement(torch.device("cpu"), "swap", probe=lambda: (1 * MB, 0))
-    _, engine, _ = _run(deep_bundle, placement, tmp_path, encoded_frames, test_image, use_teacache=True,
+    _, engine, _ = _run(deep_bundle, placement, tmp_path, encoded_frames, test_image, cache="teacache",
                         teacache_threshold=1.0, steps=8)
     streamer = streamer_of(deep_bundle.transformer)
-    stats = engine.step_cache.stats
+    stats = engine.step_caches.totals()
     assert streamer.resident_count == 0 and stats["skipped"] > 0
     total = streamer.total_bytes
     largest = max(b.nbytes for b in streamer.blocks)
@@ -115,7 +115,7 @@ def test_oom_under_swap_keeps_fewer_blocks_resident(deep_bundle, tmp_path, encod
     oom_once(deep_bundle.transformer, {})
     events = []
     final = engine.generate(GenerationRequest(prompt="x", image=test_image, seconds=1.0, steps=2,
-                                              use_teacache=False, gpu_memory_preservation_gb=0), events.append)
+                                              cache="none", gpu_memory_preservation_gb=0), events.append)
     assert isinstance(final, Finished)
     notes = [e.message for e in events if isinstance(e, Stage) and "Out of GPU memory" in e.message]
     streamer = streamer_of(deep_bundle.transformer)
@@ -134,7 +134,7 @@ def test_fp8_weight_storage_streams_the_fp8_bytes(tiny_root, tmp_path, encoded_f
         store_weights_in_fp8(bundle.transformer, torch.float32)
         placement = Placement(torch.device("cpu"), policy, probe=lambda: (0, 0))
         frames[policy], engine, _ = _run(bundle, placement, tmp_path / policy, encoded_frames, test_image,
-                                         use_teacache=False)
+                                         cache="none")
     streamer = streamer_of(bundle.transformer)
     fp32 = _deep_bundle(tiny_root).transformer
     fp32_bytes = sum(_layout(b)[1] for b in [*fp32.transformer_blocks, *fp32.single_transformer_blocks])

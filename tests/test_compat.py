@@ -18,7 +18,7 @@ def rules_of(settings, info, env=None):
 
 def quiet(**kw):
     """Settings that trip nothing on an H100 (TeaCache off avoids the info note)."""
-    return Settings(use_teacache=False, **kw)
+    return Settings(cache="none", **kw)
 
 
 def test_quiet_baseline():
@@ -39,7 +39,7 @@ def test_quiet_baseline():
     ("missing-package", quiet(xformers_mode="aggressive"), H100, CRITICAL, None),
     ("fp8-without-hardware", quiet(enable_fp8=True), RTX3060, CRITICAL, None),
     ("flash-sdp-off-without-alternative", quiet(), H100, INFO, {"PYTORCH_ENABLE_FLASH_SDP": "0"}),
-    ("teacache-quality", Settings(), H100, INFO, None),
+    ("step-cache-quality", Settings(), H100, INFO, None),
 ])
 def test_each_rule(name, settings, info, level, env):
     found = rules_of(settings, info, env)

@@ -65,7 +65,7 @@ def test_cpu_offload_threshold_and_preservation(swap):
 
 
 def _req(image, **kw):
-    base = dict(prompt="a cat", image=image, seconds=1.0, steps=2, use_teacache=False)
+    base = dict(prompt="a cat", image=image, seconds=1.0, steps=2, cache="none")
     base.update(kw)
     return GenerationRequest(**base)
 

@@ -64,7 +64,7 @@ def test_own_device_models_are_placed_once_and_never_offloaded():
 
 def _request(image, **kw):
     return GenerationRequest(**{**dict(prompt="a cat", image=image, seconds=2.4, steps=2, seed=5,
-                                       use_teacache=False, gpu_memory_preservation_gb=0), **kw})
+                                       cache="none", gpu_memory_preservation_gb=0), **kw})
 
 
 def test_vae_on_its_own_device_decodes_in_the_background(tiny_bundles, tmp_path, test_image, caplog,

@@ -19,7 +19,7 @@ import torch
 
 def _request(image, **kw):
     base = dict(prompt="a cat walks", image=image, seconds=2.4, steps=3, seed=7, latent_window_size=9,
-                use_teacache=False)
+                cache="none")
     base.update(kw)
     return GenerationRequest(**base)
 
@@ -105,16 +105,16 @@ def test_teacache_skips_steps_and_threshold_zero_is_lossless(tiny_bundles, tmp_p
     engine = _engine(tiny_bundles, "tiny-f1", tmp_path)
     base = engine.generate(_request(test_image, seconds=1.0, steps=6), lambda e: None)
     notes = []
-    zero = engine.generate(_request(test_image, seconds=1.0, steps=6, use_teacache=True, teacache_threshold=0.0),
+    zero = engine.generate(_request(test_image, seconds=1.0, steps=6, cache="teacache", teacache_threshold=0.0),
                            lambda e: notes.append(e) if isinstance(e, SectionFinished) else None)
     assert notes[0].cache_note == "TeaCache: 6/6 steps computed"
     lazy = []
-    engine.generate(_request(test_image, seconds=1.0, steps=6, use_teacache=True, teacache_threshold=1.0),
+    engine.generate(_request(test_image, seconds=1.0, steps=6, cache="teacache", teacache_threshold=1.0),
                     lambda e: lazy.append(e) if isinstance(e, SectionFinished) else None)
     assert lazy[0].cache_note == "TeaCache: 2/6 steps computed"  # first and last always compute
     assert np.array_equal(encoded_frames(base), encoded_frames(zero))
     # the hooks stay attached but pass through once the job is over
-    assert engine.step_cache.enabled is False
+    assert engine.step_caches.enabled is False
 
 
 @pytest.mark.parametrize("kw, message", [

@@ -42,7 +42,7 @@ def _failing_once(monkeypatch, name: str, exc: OSError, after: int = 0):
 
 
 def _request(image):
-    return GenerationRequest(prompt="x", image=image, seconds=2.4, steps=2, use_teacache=False)
+    return GenerationRequest(prompt="x", image=image, seconds=2.4, steps=2, cache="none")
 
 
 # each write site: the input PNG, the MP4 after section 1 or 2, the first sidecar, the final sidecar

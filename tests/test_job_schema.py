@@ -21,7 +21,7 @@ IMAGE = np.zeros((64, 64, 3), np.uint8)
     (dict(seconds=0.5), "video length must be between 1 and 120 seconds, got 0.5"),
     (dict(gs=0.5), "distilled CFG must be between 1 and 32, got 0.5"),
     (dict(cfg=float("nan")), "CFG must be a finite number"),
-    (dict(use_teacache="yes"), "TeaCache must be true or false"),
+    (dict(cache="fast"), "step cache must be one of none, teacache, magcache, fbcache, taylorseer"),
     (dict(resolution=32), "resolution must be 0 (the model's own) or between 64 and 2048"),
 ])
 def test_validation_comes_from_the_schema(changes, message):
@@ -59,9 +59,13 @@ def test_widgets_take_label_limits_and_step_from_the_schema():
     for f in job_fields():
         m = f.metadata
         with gr.Blocks():
-            widget = demo_gradio.job_widget(f, f.default)
-        assert widget.label == m["label"] and widget.visible == (m["section"] != "hidden")
-        if f.type != "bool":
+            widget = demo_gradio.job_widget(f, f.default, cache="teacache")
+        # a cache's own knobs show only with their cache
+        shown = m["section"] != "hidden" and m["shown_with"] in (None, "teacache")
+        assert widget.label == m["label"] and widget.visible == shown, f.name
+        if m["choices"]:
+            assert [v for _, v in widget.choices] == list(m["choices"])
+        elif f.type != "bool":
             assert (widget.minimum, widget.maximum) == (m["min"], m["max"]), f.name
     assert demo_gradio.MAX_SEED == 2**32 - 1
 
@@ -84,9 +88,12 @@ def test_the_page_and_its_api_follow_the_schema(tmp_path):
     for f in job_fields():
         m = f.metadata
         [widget] = by_label[m["label"]]
-        assert widget.visible == (m["section"] != "hidden"), f.name
+        shown = m["section"] != "hidden" and m["shown_with"] in (None, "teacache")  # the default cache's knobs
+        assert widget.visible == shown, f.name
         assert widget.value == {"steps": 7, "cfg": 2.0}.get(f.name, f.default), f.name
-        if f.type != "bool":
+        if m["choices"]:
+            assert [v for _, v in widget.choices] == list(m["choices"]), f.name
+        elif f.type != "bool":
             assert (widget.minimum, widget.maximum) == (m["min"], m["max"]), f.name
             if m["step"]:
                 assert widget.step == m["step"], f.name

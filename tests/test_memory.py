@@ -59,7 +59,7 @@ def test_oom_in_a_section_degrades_placement_and_retries(tiny_root, tmp_path, te
     engine = Engine(bundle, Placement(torch.device("cpu"), "full"), outputs_dir=tmp_path)
     events = []
     final = engine.generate(GenerationRequest(prompt="x", image=test_image, seconds=2.4, steps=2,
-                                              use_teacache=False), events.append)
+                                              cache="none"), events.append)
     assert isinstance(final, Finished) and final.frames == 73
     notes = [e.message for e in events if isinstance(e, Stage) and "Out of GPU memory" in e.message]
     assert notes == ["Out of GPU memory in section 1/2: switched to swap placement, retrying the section"]
@@ -82,7 +82,7 @@ def test_oom_with_nothing_left_to_try_fails_cleanly_and_keeps_sections(tiny_root
 
     bundle.transformer.forward = oom_in_second_section
     final = engine.generate(GenerationRequest(prompt="x", image=test_image, seconds=2.4, steps=2,
-                                              use_teacache=False), lambda e: None)
+                                              cache="none"), lambda e: None)
     assert isinstance(final, Failed) and final.error.startswith("Out of GPU memory")
     assert final.video_path is not None and final.video_path.is_file()  # section 1 was kept
 

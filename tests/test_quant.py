@@ -68,7 +68,7 @@ def test_int8_engine_runs_under_streamed_placement(tiny_root, tmp_path, test_ima
     engine = Engine(bundle, Placement(torch.device("cpu"), "swap"), outputs_dir=tmp_path,
                     plan=TransformerPlan(weights=WeightFormat("int8")))
     assert engine.report["weights"].details["int_linears"] > 0
-    final = engine.generate(GenerationRequest(prompt="x", image=test_image, seconds=1, steps=2, use_teacache=False),
+    final = engine.generate(GenerationRequest(prompt="x", image=test_image, seconds=1, steps=2, cache="none"),
                             lambda e: None)
     assert isinstance(final, Finished) and final.frames > 0
 

@@ -20,8 +20,8 @@ def load(argv=(), env=None, config=None, tmp_path=None):
 def test_defaults_match_the_original_app(tmp_path):
     s = load(tmp_path=tmp_path).settings
     assert (s.seed, s.seconds, s.steps, s.latent_window_size) == (31337, 5.0, 25, 9)
-    assert (s.cfg, s.gs, s.rs, s.gpu_memory_preservation_gb, s.mp4_crf, s.use_teacache) == (1.0, 10.0, 0.0, 6.0, 16,
-                                                                                          True)
+    assert (s.cfg, s.gs, s.rs, s.gpu_memory_preservation_gb, s.mp4_crf, s.cache) == (1.0, 10.0, 0.0, 6.0, 16,
+                                                                                    "teacache")
     assert s.teacache_threshold == 0.15 and s.server == "127.0.0.1"
 
 
@@ -88,36 +88,59 @@ def test_unknown_variable_suggests_nearest(tmp_path):
     assert "unknown environment variable FRAMEPACK_TOTALLY_NEW" in loaded.warnings
 
 
-def test_planned_and_unsupported_settings_say_so(tmp_path):
-    loaded = load(env={"FRAMEPACK_ENABLE_FBCACHE": "1", "FRAMEPACK_JIT_MODE": "trace"}, tmp_path=tmp_path)
+def test_unsupported_settings_say_so(tmp_path):
+    loaded = load(env={"FRAMEPACK_ENABLE_KV_CACHE": "1", "FRAMEPACK_JIT_MODE": "trace"}, tmp_path=tmp_path)
     text = "\n".join(loaded.warnings)
-    assert "FRAMEPACK_ENABLE_FBCACHE: not available in this version" in text
+    assert "FRAMEPACK_ENABLE_KV_CACHE: not offered (FramePack's text tokens are modulated by the timestep" in text
     assert "FRAMEPACK_JIT_MODE: not offered (TorchScript" in text
+    # nothing is left "planned": every setting is built or says why it is not offered
+    assert not [f.name for f in setting_fields() if f.metadata["status"] == "planned"]
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "config.yaml").write_text("jit_save: out.pt\nsteps: 12\n")
     flag_and_file = load(["--jit-mode", "script", "--disable-sim-cache"], tmp_path=tmp_path / "c")
     text = "\n".join(flag_and_file.warnings)
     assert "--jit-mode: not offered" in text and "'script' has no effect" in text and "--enable-sim-cache" in text
     assert "config.yaml:jit_save: not offered" in text and flag_and_file.settings.steps == 12
-    # setting an active option, or a planned one to its default, warns about nothing
+    # setting an active option, or an older spelling of one, warns about nothing
     assert load(env={"FRAMEPACK_STEPS": "20", "FRAMEPACK_ENABLE_FBCACHE": "0"}, tmp_path=tmp_path).warnings == []
 
 
 def test_booleans_and_lists(tmp_path):
     s = load(env={"FRAMEPACK_USE_TEACACHE": "off", "FRAMEPACK_FP8_EXCLUDE_KEYS": "norm, proj ,,embed"},
              tmp_path=tmp_path).settings
-    assert s.use_teacache is False and s.fp8_exclude_keys == ["norm", "proj", "embed"]
-    assert load(["--no-teacache"], tmp_path=tmp_path).settings.use_teacache is False
-    assert load(["--disable-fbcache"], env={"FRAMEPACK_ENABLE_FBCACHE": "1"},
-                tmp_path=tmp_path).settings.enable_fbcache is False
+    assert s.cache == "none" and s.fp8_exclude_keys == ["norm", "proj", "embed"]
+
+
+def test_cache_choice_and_its_older_spellings(tmp_path):
+    assert load(["--no-teacache"], tmp_path=tmp_path).settings.cache == "none"
+    assert load(["--cache", "magcache"], env={"FRAMEPACK_USE_TEACACHE": "0"}, tmp_path=tmp_path).settings.cache == \
+        "magcache"  # the flag wins over the variable
+    assert load(env={"FRAMEPACK_ENABLE_FBCACHE": "1"}, tmp_path=tmp_path).settings.cache == "fbcache"
+    assert load(env={"FRAMEPACK_ENABLE_FBCACHE": "0"}, tmp_path=tmp_path).settings.cache == "teacache"  # untouched
+    assert load(["--disable-fbcache"], env={"FRAMEPACK_ENABLE_FBCACHE": "1"}, tmp_path=tmp_path).settings.cache == \
+        "teacache"
+    (tmp_path / "config.yaml").write_text("use_teacache: false\n")
+    assert load(tmp_path=tmp_path).settings.cache == "none"
+    # --cache-threshold sets the chosen cache's own knob, from the variable or the flag
+    s = load(["--cache", "magcache", "--cache-threshold", "0.2"], tmp_path=tmp_path).settings
+    assert (s.magcache_threshold, s.teacache_threshold) == (0.2, 0.15)
+    s = load(["--cache=taylorseer"], env={"FRAMEPACK_CACHE_THRESHOLD": "3"}, tmp_path=tmp_path).settings
+    assert s.taylorseer_interval == 3
+    with pytest.raises(SettingsError, match="FRAMEPACK_CACHE"):
+        load(env={"FRAMEPACK_CACHE": "fastest"}, tmp_path=tmp_path)
+    loaded = load(["--cache", "none", "--cache-threshold", "0.3"], tmp_path=tmp_path)
+    assert any("no step cache is chosen" in w for w in loaded.warnings)
 
 
 def test_every_seed_variable_and_flag_is_known():
+    from diffusers_helper.config.load import SHORTCUT_FLAGS, SHORTCUTS, build_parser
     from diffusers_helper.config.schema import NOT_OFFERED
 
-    envs = {f.metadata["env"] for f in setting_fields()} | {n.env for n in NOT_OFFERED}
+    envs = {f.metadata["env"] for f in setting_fields()} | {n.env for n in NOT_OFFERED} | set(SHORTCUTS)
     flags = {fl for f in setting_fields() for fl in f.metadata["flags"] + f.metadata["negative_flags"]}
-    flags |= {fl for n in NOT_OFFERED for fl in n.flags}
+    flags |= {fl for n in NOT_OFFERED for fl in n.flags} | set(SHORTCUT_FLAGS)
+    flags |= {fl for f in setting_fields() for fl in f.metadata.get("const_flags", {})}
+    assert flags <= {o for a in build_parser()._actions for o in a.option_strings}
     seed_dir = REPO.parent / "shared" / "seeds"
     if not seed_dir.is_dir():
         pytest.skip("seed documents not present")
@@ -148,7 +171,7 @@ def test_explain_lists_values_and_sources(tmp_path):
     out = explain(loaded)
     assert re.search(r"seed\s+5\s+cli \(--seed\)", out)
     assert re.search(r"steps\s+30\s+env \(FRAMEPACK_STEPS\)", out)
-    assert re.search(r"enable_fbcache\s+True\s+env \(FRAMEPACK_ENABLE_FBCACHE\)\s+planned", out)
+    assert re.search(r"cache\s+'fbcache'\s+env \(FRAMEPACK_ENABLE_FBCACHE\)", out)
     assert "mp4_crf" not in out and "mp4_crf" in explain(loaded, all_settings=True)
 
 

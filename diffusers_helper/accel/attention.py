@@ -15,7 +15,7 @@ log = logging.getLogger("framepack.attention")
 
 BACKEND_NAMES = {"native": "native", "cudnn": "_native_cudnn", "flash": "_native_flash", "efficient":
                  "_native_efficient", "math": "_native_math", "xformers": "xformers", "sage": "sage",
-                 "flash-attn": "flash"}
+                 "sage-fp8": "_sage_qk_int8_pv_fp8_cuda_sm90", "flash-attn": "flash", "fa3": "_flash_3"}
 
 
 @dataclass(frozen=True)

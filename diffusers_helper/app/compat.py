@@ -184,12 +184,12 @@ def _sdp_rule(s: Settings, info: SystemInfo, env) -> Finding | None:
                        "unset PYTORCH_ENABLE_FLASH_SDP unless a kernel conflict forces it")
 
 
-@rule("teacache-quality")
-def _teacache(s, info):
-    if s.use_teacache:
-        return Finding(INFO, "teacache-quality", "TeaCache is on by default: about 2x faster sampling, at some cost "
-                       "to fine detail such as hands.", "turn it off in the UI (or FRAMEPACK_USE_TEACACHE=0) for "
-                       "final renders")
+@rule("step-cache-quality")
+def _step_cache(s, info):
+    if s.cache != "none":
+        return Finding(INFO, "step-cache-quality", f"The {s.cache} step cache is on by default: fewer transformer "
+                       "steps, at some cost to fine detail such as hands.", "pick None in the UI (or "
+                       "FRAMEPACK_CACHE=none) for final renders")
 
 
 def check(settings: Settings, info: SystemInfo, env=None) -> list[Finding]:

@@ -75,7 +75,7 @@ def transformer_plan(settings: Settings):
     from ..pipeline.prepare import TransformerPlan
 
     s = settings
-    return TransformerPlan(weights=WeightFormat.from_settings(s), step_cache="teacache",
+    return TransformerPlan(weights=WeightFormat.from_settings(s), cache_store=s.cache_dir,
                            compile=CompileConfig(enabled=s.enable_compile, mode=s.compile_mode, cache_dir=s.cache_dir,
                                                  module_cache=s.enable_module_cache, warmup=not s.fast_start),
                            attention=AttentionConfig(backend=s.attention_backend, xformers_mode=s.xformers_mode))
@@ -172,8 +172,8 @@ def start(argv: list[str] | None = None, *, info: SystemInfo | None = None, slee
     report(findings, skip_wait=s.skip_compat_wait, **kwargs)
     for line in apply_runtime_flags(s):
         log.info("%s", line)
-    if s.use_teacache:
-        log.info("TeaCache on by default (threshold %.3g)", s.teacache_threshold)
+    if s.cache != "none":
+        log.info("Step cache by default: %s (each job can pick another or none)", s.cache)
     override = placement_override(s)
     if override:
         log.info("Placement forced to %s by settings", override)

@@ -1,83 +1,197 @@
 """The step-cache interface: what the engine, the placement and the block streamer know of a step cache.
 
-A step cache decides, per denoising step, whether the transformer blocks run or their output is rebuilt
-from what an earlier step computed. Its per-step state lives in a diffusers `StateManager`, one state per
-cache context ("cond", "uncond", "cfg-batch": the sampler enters one per guidance branch), so real CFG never
-mixes the two branches; diffusers' own cache hooks (first-block cache, MagCache, TaylorSeer) keep their state
-the same way, which is how they fit behind this interface. The engine:
+A step cache decides, per denoising step, whether the transformer blocks run or their output is rebuilt from
+what an earlier step computed. Its per-step state lives in diffusers `StateManager`s, one state per cache
+context ("cond", "uncond", "cfg-batch": the sampler enters one per guidance branch), so real CFG never mixes the
+two branches. Every registered cache is attached once per model (`StepCaches`), before placement and beneath
+nothing but the compiled block forwards, and is off until a job picks it:
 
-    cache.configure(enabled, threshold)   # per job
-    cache.reset(num_steps)                # per section (and before a retried section)
-    cache.skipping()                      # inside a forward: are the blocks skipped this step?
-    cache.stats, cache.note(steps)        # computed / skipped steps, for the log, the UI and the sidecar
+    caches.select(name, settings, context)   # per job: one cache on (or none), the others pass through
+    caches.reset(num_steps)                  # per section (and before a retried section)
+    caches.skipping()                        # inside a forward: are the blocks skipped this step?
+    caches.note(steps), caches.record()      # computed / skipped steps, for the log, the UI and the sidecar
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable
+
+from ..config.job import CACHE_NAMES
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """A job's step-cache controls (the fields of `config.job` that belong to caches)."""
+
+    cache: str = "none"
+    teacache_threshold: float = 0.15
+    magcache_threshold: float = 0.1
+    magcache_max_skips: int = 2
+    magcache_retention: float = 0.25
+    magcache_calibrate: bool = False
+    fbcache_threshold: float = 0.05
+    taylorseer_interval: int = 4
+
+    @classmethod
+    def of(cls, job) -> "CacheSettings":
+        return cls(**{name: getattr(job, name) for name in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class CacheContext:
+    """What a cache may need to know of the job beyond its settings (MagCache: which ratios apply)."""
+
+    family: str = "Original"  # "Original" (inverted sampling) or "F1"
+    resolution: int = 640  # the bucket resolution asked for
+    model: str = ""  # names the loaded transformer, for calibrated data
+    store: Path | None = None  # where a cache may keep calibrated data
 
 
 class StepCache(ABC):
-    name: str = "cache"
+    """One cache's hooks on one transformer. Off (the default) they only pass through."""
+
+    name: str = "cache"  # the registry name a job picks
+    label: str = "cache"  # how the log and the UI name it
 
     def __init__(self) -> None:
+        self.enabled = False
         self.stats = {"computed": 0, "skipped": 0}
-
-    @property
-    @abstractmethod
-    def enabled(self) -> bool:
-        """Whether this job uses the cache (off: every step computes, the hooks only pass through)."""
+        self.steps_computed: list[int] = []  # this section's computed step indices (first branch only)
 
     @abstractmethod
-    def configure(self, enabled: bool, threshold: float = 0.0) -> None:
-        """Per job: on or off, and the threshold of its skip rule."""
+    def configure(self, settings: CacheSettings, context: CacheContext) -> str:
+        """Per job, when picked: read its own settings; returns a one-line description for the log."""
 
     @abstractmethod
     def reset(self, num_steps: int) -> None:
-        """Per section: forget every context's state, start counting steps again."""
+        """Per section: forget every context's state and start counting steps again."""
 
     @abstractmethod
     def skipping(self) -> bool:
-        """Inside a forward: whether this step reuses cached output instead of running the blocks."""
+        """Inside a forward, once the first block has run: does this step skip the remaining blocks?"""
+
+    def section_done(self) -> None:
+        """After a section's last step (MagCache saves its calibration here)."""
+
+    def count(self, step: int, computed: bool) -> None:
+        self.stats["computed" if computed else "skipped"] += 1
+        if computed:
+            self.steps_computed.append(step)
+
+    def clear_stats(self) -> None:
+        self.stats["computed"] = self.stats["skipped"] = 0
+        self.steps_computed = []
+
+
+# name -> attach(transformer) -> StepCache; `register_step_cache` adds one and makes it a job choice
+STEP_CACHES: dict[str, Callable[[object], StepCache]] = {}
+
+
+def register_step_cache(name: str, attach: Callable[[object], StepCache]) -> None:
+    STEP_CACHES[name] = attach
+    if name not in CACHE_NAMES:
+        CACHE_NAMES.append(name)
+
+
+def _builtin(module: str, cls: str) -> Callable[[object], StepCache]:
+    def attach(transformer):
+        import importlib
+
+        return getattr(importlib.import_module(f"{__package__}.{module}"), cls)(transformer)
+
+    return attach
+
+
+for _name, _module, _cls in (("teacache", "teacache", "TeaCache"), ("magcache", "magcache", "MagCache"),
+                             ("fbcache", "fbcache", "FirstBlockCache"), ("taylorseer", "taylorseer", "TaylorSeer")):
+    register_step_cache(_name, _builtin(_module, _cls))
+
+
+@dataclass
+class SectionCacheStats:
+    computed: int
+    skipped: int
+    steps_computed: list[int] = field(default_factory=list)
+
+
+class StepCaches:
+    """Every registered cache attached to one transformer; a job turns one on. The engine's only handle."""
+
+    def __init__(self, transformer, names: list[str] | None = None):
+        self.caches: dict[str, StepCache] = {}
+        for name in names if names is not None else list(STEP_CACHES):
+            if name == "none":
+                continue
+            try:
+                attach = STEP_CACHES[name]
+            except KeyError:
+                raise ValueError(f"unknown step cache {name!r}; one of {', '.join(STEP_CACHES)}") from None
+            self.caches[name] = attach(transformer)
+        self.active: StepCache | None = None
+        self.settings = CacheSettings()
+        self.sections: list[SectionCacheStats] = []
+        self.description = "off"
+
+    @property
+    def names(self) -> list[str]:
+        return ["none", *self.caches]
+
+    @property
+    def enabled(self) -> bool:
+        return self.active is not None and self.active.enabled
+
+    @property
+    def label(self) -> str:
+        return self.active.label if self.active else "none"
+
+    def select(self, settings: CacheSettings, context: CacheContext | None = None) -> str:
+        """Turn on the job's cache (or none); returns what the log says."""
+        if settings.cache != "none" and settings.cache not in self.caches:
+            raise ValueError(f"step cache {settings.cache!r} is not available here; one of {', '.join(self.names)}")
+        for cache in self.caches.values():
+            cache.enabled = False
+        self.active, self.settings, self.sections = self.caches.get(settings.cache), settings, []
+        if self.active is None:
+            self.description = "off"
+            return "Step cache: off (every step computes)"
+        self.description = self.active.configure(settings, context or CacheContext())
+        self.active.enabled = True
+        return f"Step cache: {self.description}"
+
+    def off(self) -> None:
+        """After a job: every cache passes through again; the job's counts stay readable until the next one."""
+        for cache in self.caches.values():
+            cache.enabled = False
+
+    def totals(self) -> dict:
+        """Computed and skipped steps over the last job's sections."""
+        return {"computed": sum(s.computed for s in self.sections), "skipped": sum(s.skipped for s in self.sections)}
+
+    def reset(self, num_steps: int) -> None:
+        for cache in self.caches.values():
+            cache.reset(num_steps)
+            cache.clear_stats()
+
+    def skipping(self) -> bool:
+        return self.enabled and self.active.skipping()
 
     def note(self, steps: int) -> str:
-        """One line for the UI and the log, about the section just sampled."""
-        return f"{self.name}: {self.stats['computed']}/{steps} steps computed" if self.enabled else ""
+        """After a section: one line for the UI and the log; the section's counts go into `record()`."""
+        if not self.enabled:
+            return ""
+        self.active.section_done()
+        s = self.active.stats
+        self.sections.append(SectionCacheStats(s["computed"], s["skipped"], list(self.active.steps_computed)))
+        return f"{self.active.label}: {s['computed']}/{s['computed'] + s['skipped']} steps computed"
 
-
-class NoStepCache(StepCache):
-    """Every step computes, whatever a job asks for (a transformer prepared without a cache)."""
-
-    name = "none"
-
-    @property
-    def enabled(self) -> bool:
-        return False
-
-    def configure(self, enabled: bool, threshold: float = 0.0) -> None:
-        pass
-
-    def reset(self, num_steps: int) -> None:
-        self.stats["computed"] = self.stats["skipped"] = 0
-
-    def skipping(self) -> bool:
-        return False
-
-
-def _teacache(transformer) -> StepCache:
-    from .teacache import TeaCache
-
-    return TeaCache(transformer)
-
-
-# name -> attach(transformer): `prepare_transformer` attaches a cache once per model; jobs configure it
-STEP_CACHES: dict[str, Callable[[object], StepCache]] = {"teacache": _teacache, "none": lambda t: NoStepCache()}
-
-
-def attach_step_cache(transformer, name: str) -> StepCache:
-    try:
-        attach = STEP_CACHES[name]
-    except KeyError:
-        raise ValueError(f"unknown step cache {name!r}; one of {', '.join(STEP_CACHES)}") from None
-    return attach(transformer)
+    def record(self) -> dict:
+        """For the sidecar: the cache, its settings and each section's computed / skipped steps."""
+        if self.active is None:
+            return {"name": "none"}
+        prefix = self.active.name
+        knobs = {k: v for k, v in asdict(self.settings).items() if k.startswith(prefix)}
+        return {"name": self.active.name, "description": self.description, "settings": knobs,
+                "sections": [asdict(s) for s in self.sections]}

@@ -14,17 +14,24 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 ACTIVE = "active"
+# the step caches a job can choose; caches.base registers each one's implementation under its name
+CACHE_NAMES = ["none", "teacache", "magcache", "fbcache", "taylorseer"]
+# `--cache-threshold X` / FRAMEPACK_CACHE_THRESHOLD set the chosen cache's own knob
+CACHE_THRESHOLD_FIELDS = {"teacache": "teacache_threshold", "magcache": "magcache_threshold",
+                          "fbcache": "fbcache_threshold", "taylorseer": "taylorseer_interval"}
 
 
 def _j(default, label: str, help: str = "", *, env: str | None = None, flags=(), negative_flags=(), min=None,
        max=None, step=None, choices=None, section: str = "main", what: str | None = None, elem_id: str | None = None,
-       widget: str | None = None):
+       widget: str | None = None, shown_with: str | None = None, const_flags: dict | None = None):
     """A job field. `section`: where the web app shows it ("main", "performance", or "hidden": API and CLI only);
     `what`: how error messages name it (default: the label in lower case); `widget`: "number" for a number box
-    instead of a slider."""
+    instead of a slider; `shown_with`: the step cache whose knob it is (the web app shows it only with that
+    cache); `const_flags`: flags that set a fixed value (older spellings such as --teacache)."""
     meta = dict(env=env, flags=tuple(flags), help=help, choices=choices, min=min, max=max, status=ACTIVE, note="",
                 group="job", aliases=(), negative_flags=tuple(negative_flags), kind=None, label=label, step=step,
-                section=section, what=what or label.lower(), elem_id=elem_id, widget=widget, job=True)
+                section=section, what=what or label.lower(), elem_id=elem_id, widget=widget, job=True,
+                shown_with=shown_with, const_flags=dict(const_flags or {}))
     return field(default=default, metadata=meta)
 
 
@@ -32,9 +39,33 @@ def _j(default, label: str, help: str = "", *, env: str | None = None, flags=(),
 class JobSettings:
     """The per-job controls, in the order the web app shows them; `Settings` and `GenerationRequest` inherit them."""
 
-    use_teacache: bool = _j(True, "Use TeaCache", "Faster, but can hurt hands and fingers.",
-                            env="FRAMEPACK_USE_TEACACHE", flags=["--teacache"], negative_flags=["--no-teacache"],
-                            what="TeaCache", elem_id="teacache")
+    cache: str = _j("teacache", "Step cache", "Reuses the transformer's work on steps that change little: faster, "
+                    "can soften fine detail (hands, fingers). MagCache follows FramePack's published ratios.",
+                    env="FRAMEPACK_CACHE", flags=["--cache"], choices=CACHE_NAMES, elem_id="cache",
+                    const_flags={"--teacache": "teacache", "--no-teacache": "none", "--enable-fbcache": "fbcache"})
+    teacache_threshold: float = _j(0.15, "TeaCache threshold", "Accumulated change below which a step is skipped "
+                                   "(0: never skip).", env="FRAMEPACK_TEACACHE_THRESHOLD",
+                                   flags=["--teacache-threshold"], min=0.0, max=1.0, step=0.01, shown_with="teacache")
+    magcache_threshold: float = _j(0.1, "MagCache threshold", "Accumulated magnitude error below which a step is "
+                                   "skipped (0: never skip).", env="FRAMEPACK_MAGCACHE_THRESHOLD",
+                                   flags=["--magcache-threshold"], min=0.0, max=1.0, step=0.01, shown_with="magcache")
+    magcache_max_skips: int = _j(2, "MagCache max consecutive skips", "K: at most this many skipped steps in a row.",
+                                 env="FRAMEPACK_MAGCACHE_MAX_SKIPS", flags=["--magcache-max-skips"], min=0, max=10,
+                                 step=1, shown_with="magcache")
+    magcache_retention: float = _j(0.25, "MagCache retention", "Share of the first steps that always compute.",
+                                   env="FRAMEPACK_MAGCACHE_RETENTION", flags=["--magcache-retention"], min=0.0,
+                                   max=1.0, step=0.05, shown_with="magcache")
+    magcache_calibrate: bool = _j(False, "Calibrate MagCache", "Skip nothing; record this model's magnitude ratios "
+                                  "and use them from the next job on.", env="FRAMEPACK_MAGCACHE_CALIBRATE",
+                                  flags=["--magcache-calibrate"], shown_with="magcache")
+    fbcache_threshold: float = _j(0.05, "First-block cache threshold", "Relative change of the first block's "
+                                  "residual below which the other blocks are skipped (0: never skip).",
+                                  env="FRAMEPACK_FBCACHE_THRESHOLD", flags=["--fbcache-threshold"], min=0.0, max=1.0,
+                                  step=0.005, shown_with="fbcache")
+    taylorseer_interval: int = _j(4, "TaylorSeer interval", "After 3 warm-up steps, compute one step in this many "
+                                  "and predict the others (1: compute every step).",
+                                  env="FRAMEPACK_TAYLORSEER_INTERVAL", flags=["--taylorseer-interval"], min=1, max=10,
+                                  step=1, shown_with="taylorseer")
     quality_mode: bool = _j(False, "Quality Mode", "Decode each section in one pass where memory allows: no tile "
                             "seams, more VRAM.", env="FRAMEPACK_QUALITY_MODE", flags=["--quality-mode"],
                             elem_id="quality-mode")
@@ -60,9 +91,6 @@ class JobSettings:
         what="GPU memory preservation")
     mp4_crf: int = _j(16, "MP4 compression (CRF)", "Lower is better; 0 is lossless and can show black in some players.",
                       env="FRAMEPACK_MP4_CRF", flags=["--mp4-crf", "--crf"], min=0, max=51, step=1, what="MP4 CRF")
-    teacache_threshold: float = _j(0.15, "TeaCache threshold", "accumulated change below which TeaCache skips a step",
-                                   env="FRAMEPACK_TEACACHE_THRESHOLD", flags=["--teacache-threshold"], min=0.0, max=1.0,
-                                   step=0.01, section="hidden")
     resolution: int = _j(0, "Resolution", "bucket resolution (0: the model's own, 640 for the real models)",
                          env="FRAMEPACK_RESOLUTION", flags=["--resolution"], min=0, max=2048, section="hidden")
     # -- the Performance Tuning panel
@@ -113,6 +141,12 @@ def coerce(f, value: Any):
     """The value in its field's type: whole numbers for int fields (2.7 is refused, 3.0 is 3), finite numbers for
     floats, real booleans for switches; text that spells a number is accepted (API clients send text)."""
     t, what = python_type(f), f.metadata["what"]
+    if t is str:
+        choices = f.metadata["choices"]
+        text = value.strip().lower() if isinstance(value, str) else value
+        if choices and text not in choices:
+            raise JobValueError(f"{what} must be one of {', '.join(choices)}, got {value!r}")
+        return text
     if t is bool:
         if isinstance(value, bool):
             return value
@@ -142,6 +176,8 @@ def number(x) -> str:
 
 def check(f, value) -> None:
     m = f.metadata
+    if m["min"] is None and m["max"] is None:
+        return
     lo, hi = m["min"], m["max"]
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         unit = " seconds" if f.name == "seconds" else ""
@@ -156,3 +192,8 @@ def validate_job(job) -> None:
         setattr(job, f.name, value)
     if 0 < job.resolution < 64:
         raise JobValueError(f"resolution must be 0 (the model's own) or between 64 and 2048, got {job.resolution}")
+
+
+def cache_threshold_field(cache: str) -> str | None:
+    """The field `--cache-threshold` / FRAMEPACK_CACHE_THRESHOLD sets for this cache (none for "none")."""
+    return CACHE_THRESHOLD_FIELDS.get(cache)

@@ -13,7 +13,7 @@ from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-from .job import python_type
+from .job import cache_threshold_field, python_type
 from .schema import (ACTIVE, CONFIG_ALIASES, FALSE_WORDS, NOT_OFFERED, PLANNED, TRUE_WORDS, Settings,
                      SettingsError)
 
@@ -122,6 +122,21 @@ def parse_value(f, raw: Any, origin: str):
     return value
 
 
+# older switches that now pick a step cache (variable, or its lower-case name in config.yaml): variable ->
+# (field, value when on, value when off)
+SHORTCUTS = {"FRAMEPACK_USE_TEACACHE": ("cache", "teacache", "none"),
+             "FRAMEPACK_ENABLE_FBCACHE": ("cache", "fbcache", None)}  # off: leave the choice alone
+SHORTCUT_FLAGS = {"--disable-fbcache": "FRAMEPACK_ENABLE_FBCACHE"}  # flags whose "on" form is a const flag
+
+
+def _shortcut(var: str, raw: str) -> tuple[str, Any]:
+    name, on, off = SHORTCUTS[var]
+    text = str(raw).strip().lower() if not isinstance(raw, bool) else str(int(raw))
+    if text not in TRUE_WORDS and text not in FALSE_WORDS:
+        raise SettingsError(f"{var}={raw!r}: expected 1 or 0 (true/false)")
+    return name, on if text in TRUE_WORDS else off
+
+
 def _by_env() -> dict[str, Any]:
     return {f.metadata["env"]: f for f in setting_fields() if f.metadata["env"]}
 
@@ -157,6 +172,12 @@ def _read_config(path: Path, by_name: dict, explicit: bool, warnings: list[str])
     for dotted, value in _flatten(data).items():
         key = dotted.rsplit(".", 1)[-1]
         name = CONFIG_ALIASES.get(key, key)
+        shortcut = SHORTCUTS.get(f"FRAMEPACK_{key.upper()}")
+        if shortcut is not None:  # use_teacache: false -> cache: none
+            _, value = _shortcut(f"FRAMEPACK_{key.upper()}", value)
+            if value is None:
+                continue
+            name = shortcut[0]
         if name in _NOT_OFFERED:
             values[name] = (value, f"{path}:{dotted}")  # reported by load_settings as having no effect
             continue
@@ -190,6 +211,12 @@ def build_parser(add_help: bool = True, prog: str | None = None, description: st
                                help=f"turn off: {m['help']}")
         else:
             p.add_argument(*m["flags"], dest=f.name, metavar=f.name.upper(), help=help_text)
+        for flag, value in m.get("const_flags", {}).items():
+            p.add_argument(flag, dest=f.name, action="store_const", const=value, help=f"same as {m['flags'][0]} {value}")
+    for flag, var in SHORTCUT_FLAGS.items():
+        p.add_argument(flag, dest=f"shortcut:{var}", action="store_const", const="0", help=argparse.SUPPRESS)
+    p.add_argument("--cache-threshold", dest="cache_threshold", metavar="X",
+                   help="the chosen step cache's threshold (TaylorSeer: its interval)")
     for n in NOT_OFFERED:  # recognised so that a value is reported as having no effect, never silently dropped
         if n.flags:
             kwargs = dict(metavar="VALUE") if n.takes_value else dict(action="store_const", const="1")
@@ -224,8 +251,17 @@ def load_settings(argv: list[str] | None = None, env: Mapping[str, str] | None =
             ignored.append((n.name, n.flags[0], args.pop(f"not_offered:{n.name}")))
 
     env_fields = _by_env()
+    threshold = None  # FRAMEPACK_CACHE_THRESHOLD / --cache-threshold: applied once the cache is known
     for var, raw in env.items():
         if not var.startswith("FRAMEPACK_") or var in _NOT_OFFERED_ENV:
+            continue
+        if var in SHORTCUTS:
+            name, value = _shortcut(var, raw)
+            if value is not None:
+                values[name], sources[name] = value, Source("env", var)
+            continue
+        if var == "FRAMEPACK_CACHE_THRESHOLD":
+            threshold = (raw, var)
             continue
         f = env_fields.get(var)
         if f is None:
@@ -238,11 +274,24 @@ def load_settings(argv: list[str] | None = None, env: Mapping[str, str] | None =
         values[f.name] = parse_value(f, raw, var)
         sources[f.name] = Source("env", var)
 
+    for var in SHORTCUT_FLAGS.values():
+        if args.pop(f"shortcut:{var}", None) is not None and values[SHORTCUTS[var][0]] == SHORTCUTS[var][1]:
+            name = SHORTCUTS[var][0]  # --disable-fbcache after FRAMEPACK_ENABLE_FBCACHE=1: back to the default
+            values[name], sources[name] = _default_of(by_name[name]), Source("default")
+    if "cache_threshold" in args:
+        threshold = (args.pop("cache_threshold"), "--cache-threshold")
     for name, raw in args.items():
         f = by_name[name]
         flag = (f.metadata["flags"] or f.metadata["negative_flags"])[0]
         values[name] = parse_value(f, raw, flag)
         sources[name] = Source("cli", flag)
+    if threshold is not None:
+        target = cache_threshold_field(values["cache"])
+        if target is None:
+            warnings.append(f"{threshold[1]}: no step cache is chosen; the value {threshold[0]!r} has no effect")
+        else:
+            values[target] = parse_value(by_name[target], threshold[0], threshold[1])
+            sources[target] = Source("env" if threshold[1].startswith("FRAMEPACK_") else "cli", threshold[1])
 
     settings = Settings(**values)
     loaded = LoadedSettings(settings, sources, warnings)

@@ -32,6 +32,11 @@ def _s(default, env=None, flags=(), help="", *, choices=None, min=None, max=None
 
 
 _LATER = "not built yet"
+_KV = ("FramePack's text tokens are modulated by the timestep in every dual-stream block before their keys and "
+       "values are formed, so those change at every step (docs/performance.md has the measured change): reusing "
+       "them would be an approximation, not a cache; the step caches (--cache) are the approximations on offer")
+_RUNTIME = ("a step cache's state is one section's residuals, valid for no other section or job; what does persist "
+            "is the optimized-model cache and the compile cache")
 
 
 @dataclass
@@ -94,7 +99,7 @@ class Settings(JobSettings):
     attention_backend: str = _s("auto", "FRAMEPACK_ATTENTION_BACKEND", ["--attention-backend"],
                                 "attention kernel through diffusers' dispatcher (auto: from xformers_mode and the GPU)",
                                 choices=("auto", "native", "cudnn", "flash", "efficient", "math", "xformers", "sage",
-                                         "flash-attn"), group="speed")
+                                         "sage-fp8", "flash-attn", "fa3"), group="speed")
     enable_compile: bool = _s(False, "FRAMEPACK_ENABLE_COMPILE", ["--enable-compile"],
                               "torch.compile the repeated transformer blocks (kernels cached on disk)", group="speed")
     compile_mode: str = _s("default", "FRAMEPACK_COMPILE_MODE", ["--compile-mode"], "torch.compile mode",
@@ -143,28 +148,6 @@ class Settings(JobSettings):
                                    "keep torch.compile's kernels in the project cache between launches (off: "
                                    "PyTorch's temporary folder)", group="quant",
                                    negative_flags=["--disable-module-cache"])
-
-    # -- step caches -----------------------------------------------------------------------------------------
-    enable_fbcache: bool = _s(False, "FRAMEPACK_ENABLE_FBCACHE", ["--enable-fbcache"],
-                              "first-block cache (diffusers FirstBlockCache)", group="caches",
-                              negative_flags=["--disable-fbcache"], status=PLANNED, note=_LATER)
-    fbcache_threshold: float = _s(0.035, "FRAMEPACK_FBCACHE_THRESHOLD", ["--fbcache-threshold"],
-                                  "first-block residual change threshold", min=0.0, max=1.0, group="caches",
-                                  status=PLANNED, note=_LATER)
-    fbcache_verbose: bool = _s(False, "FRAMEPACK_FBCACHE_VERBOSE", [], "log first-block cache decisions",
-                               group="caches", status=PLANNED, note=_LATER)
-    enable_kv_cache: bool = _s(False, "FRAMEPACK_ENABLE_KV_CACHE", ["--enable-kv-cache"],
-                               "cache the text tokens' keys/values across steps", group="caches",
-                               negative_flags=["--disable-kv-cache"], status=PLANNED, note=_LATER)
-    kv_cache_len: int = _s(4096, "FRAMEPACK_KV_CACHE_LEN", [], "max cached sequence length", min=1, max=1 << 20,
-                           group="caches", status=PLANNED, note=_LATER)
-    kv_cache_verbose: bool = _s(False, "FRAMEPACK_KV_CACHE_VERBOSE", [], "debug logging", group="caches",
-                                status=PLANNED, note=_LATER)
-    runtime_cache: bool = _s(True, "FRAMEPACK_RUNTIME_CACHE", [], "persist cache states between jobs",
-                             group="caches", status=PLANNED, note=_LATER)
-    runtime_cache_dir: str = _s("cache/runtime_caches", "FRAMEPACK_RUNTIME_CACHE_DIR", [],
-                                "where cache states are kept", group="caches", kind="path", status=PLANNED,
-                                note=_LATER)
 
     # -- VAE decode ---------------------------------------------------------------------------------------------
     async_decode: str = _s("auto", "FRAMEPACK_ASYNC_DECODE", ["--async-decode"],
@@ -266,4 +249,10 @@ NOT_OFFERED = [
         "onnx_trt_workspace_mb", "onnx_trt_cache_dir")),
     *(NotOffered(n, f"FRAMEPACK_{n.upper()}", (), _LOADERS) for n in (
         "parallel_loaders", "preload_repos", "force_parallel_loaders")),
+    NotOffered("fbcache_verbose", "FRAMEPACK_FBCACHE_VERBOSE", (),
+               "every step cache logs each section's computed steps, and the job's sidecar lists them"),
+    NotOffered("enable_kv_cache", "FRAMEPACK_ENABLE_KV_CACHE", ("--enable-kv-cache", "--disable-kv-cache"), _KV,
+               takes_value=False),
+    *(NotOffered(n, f"FRAMEPACK_{n.upper()}", (), _KV) for n in ("kv_cache_len", "kv_cache_verbose")),
+    *(NotOffered(n, f"FRAMEPACK_{n.upper()}", (), _RUNTIME) for n in ("runtime_cache", "runtime_cache_dir")),
 ]

@@ -32,6 +32,7 @@ from .request import GenerationRequest, InputError
 from .sampling import CancelToken, Guidance, JobCancelled, StepInfo, draw_noise, sample_section
 from .sections import SectionSchedule, frame_count, section_count
 from .prepare import TransformerPlan, prepare_transformer
+from ..caches.base import CacheContext, CacheSettings
 from ..vae.plan import DecodeOptions
 from ..media.video import describe_write_error, write_json, write_mp4, write_png
 
@@ -81,7 +82,7 @@ class Engine:
         self.placement = placement or Placement.choose(torch.device("cpu"))
         self.plan = plan or TransformerPlan()
         self.report = prepare_transformer(bundle, self.plan, self.placement)
-        self.step_cache = self.report.step_cache
+        self.step_caches = self.report.step_caches
         self.decoder = SectionDecoder(bundle.vae, decode_options)
         self.base_decode_options = self.decoder.options
         self.model_dtype = bundle.transformer.dtype
@@ -89,6 +90,13 @@ class Engine:
         self.outputs_dir = Path(outputs_dir)
         self.dtype = bundle.transformer.dtype
         self._lock = threading.Lock()  # one job at a time per set of models
+
+    def _cache_context(self, request) -> CacheContext:
+        """What MagCache needs to pick its ratios: the model family, the bucket and where calibrations live."""
+        store = self.plan.cache_store
+        return CacheContext(family="F1" if self.spec.mode == "f1" else "Original",
+                            resolution=request.resolution or self.spec.default_resolution, model=self.spec.name,
+                            store=Path(store) if store else None)
 
     def _choose_background_decode(self, mode: str) -> bool:
         """Decode section k while k+1 samples: on the VAE's own device when it has one (a second GPU), else on
@@ -314,10 +322,9 @@ class Engine:
         schedule = SectionSchedule(self.spec.mode, start_latent, sections, window)
         video = VideoAccumulator(self.spec.mode, schedule.overlap_frames)
         generator = torch.Generator("cpu").manual_seed(request.seed)
-        cache = self.step_cache
-        cache.configure(request.use_teacache, request.teacache_threshold)
-        if cache.enabled:
-            log.info("%s on (threshold %.3g)", cache.name, request.teacache_threshold)
+        cache = self.step_caches
+        log.info("%s", cache.select(CacheSettings.of(request), self._cache_context(request)))
+        record["step_cache"] = cache.record()
         finisher = SectionFinisher(
             decode=lambda latents: self.decoder.decode(latents, quality=request.quality_mode), video=video,
             write=lambda frames: files.write_video(frames, request.mp4_crf), emit=emit,
@@ -346,6 +353,7 @@ class Engine:
                                               "retrying the section", lambda: cache.reset(request.steps))
                 schedule.add(k, latents)
                 note = cache.note(request.steps)
+                record["step_cache"] = cache.record()
                 if note:
                     log.info("Section %d/%d: %s", k + 1, sections, note)
                 if not self.background_decode:
@@ -361,7 +369,7 @@ class Engine:
                 log.exception("Finishing the sampled sections failed")
             raise
         finally:
-            cache.configure(False)
+            cache.off()
         if self.decoder.last_plan is not None:
             record["decode"] = self.decoder.last_plan.reason
         record["decode_busy_s"] = round(finisher.busy_s, 3)

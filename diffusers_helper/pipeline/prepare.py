@@ -1,11 +1,13 @@
 """`prepare_transformer`: every change made to the loaded transformer, as named steps in one declared order.
 
-    weights -> step cache -> placement -> compile -> attention
+    weights -> compile -> step caches -> placement -> attention
 
-- weights first: placement lays out (and the block streamer copies) the weights as they will run;
-- the step cache before placement: offloading hooks must wrap the cache's hooks, so a block's weights are on
-  the GPU when the cache reads it, and the streamer must know which steps skip the blocks;
-- compile after placement: it traces the blocks with their hooks in place;
+- weights first: placement lays out (and the block streamer copies) the weights as they will run, and compile
+  traces the converted layers;
+- compile wraps each block's own forward before any hook is registered, so every hook (caches, offloading)
+  stays outside the graph, in Python: no cache state becomes a guard, nothing recompiles per step;
+- the step caches before placement: offloading hooks must wrap the caches' hooks, so a block's weights are on
+  the GPU when a cache reads it, and the streamer must know which steps skip the blocks;
 - the attention backend last: it only sets the processors' kernel, which compiled graphs read at run time.
 
 What each step applied is recorded on the model (one attribute), so preparing a model again (a second engine
@@ -21,7 +23,7 @@ from dataclasses import dataclass, field
 from ..accel.attention import AttentionConfig, apply_attention
 from ..accel.compile import CompileConfig, apply_compile
 from ..accel.weights import apply_weight_format
-from ..caches.base import StepCache, attach_step_cache
+from ..caches.base import StepCaches
 from ..config.formats import WeightFormat
 from ..memory.placement import Placement
 
@@ -35,7 +37,8 @@ class TransformerPlan:
     """What to do to the transformer, one config per step."""
 
     weights: WeightFormat = field(default_factory=WeightFormat)
-    step_cache: str = "teacache"  # a name in caches.base.STEP_CACHES
+    step_caches: tuple[str, ...] | None = None  # names in caches.base.STEP_CACHES; None: every registered one
+    cache_store: str | None = None  # where caches keep calibrated data (MagCache ratios); None: nowhere
     compile: CompileConfig = field(default_factory=CompileConfig)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
 
@@ -50,7 +53,7 @@ class StepReport:
 @dataclass
 class PrepareReport:
     steps: list[StepReport] = field(default_factory=list)
-    step_cache: StepCache | None = None
+    step_caches: StepCaches | None = None
 
     def __getitem__(self, step: str) -> StepReport:
         return next(s for s in self.steps if s.step == step)
@@ -96,18 +99,20 @@ def apply_weights(model, fmt: WeightFormat) -> StepReport:
     return StepReport("weights", summary, details)
 
 
-def apply_step_cache(model, name: str) -> tuple[StepReport, StepCache]:
-    """Attach the cache's hooks once; the record keeps the attached cache, which jobs then configure."""
+def apply_step_caches(model, names: tuple[str, ...] | None) -> tuple[StepReport, StepCaches]:
+    """Attach the caches' hooks once; the record keeps them, and each job turns one on."""
     done = applied(model)
-    if "step_cache" in done and done["step_cache"][0] != name:
-        raise ValueError(f"the transformer already has the {done['step_cache'][0]} step cache; reload it to use {name}")
-    if "step_cache" not in done:
-        done["step_cache"] = (name, attach_step_cache(model, name))
-    cache = done["step_cache"][1]
-    return StepReport("step_cache", f"{cache.name} (each job turns it on or off)"), cache
+    if "step_caches" in done and names is not None and tuple(done["step_caches"][0]) != tuple(names):
+        raise ValueError(f"the transformer already has the step caches {done['step_caches'][0]}; reload it to use "
+                         f"{names}")
+    if "step_caches" not in done:
+        caches = StepCaches(model, list(names) if names is not None else None)
+        done["step_caches"] = (tuple(caches.caches), caches)
+    caches = done["step_caches"][1]
+    return StepReport("step_caches", f"{', '.join(caches.caches) or 'none'} (each job picks one or none)"), caches
 
 
-def apply_placement(bundle, placement: Placement, cache: StepCache) -> StepReport:
+def apply_placement(bundle, placement: Placement, cache: StepCaches) -> StepReport:
     placement.prepare(bundle, skip_blocks=cache.skipping)
     return StepReport("placement", f"{placement.policy}: {placement.describe()}", {"policy": placement.policy})
 
@@ -129,10 +134,10 @@ def prepare_transformer(bundle, plan: TransformerPlan, placement: Placement) -> 
     model = bundle.transformer
     report = PrepareReport()
     report.steps.append(apply_weights(model, plan.weights))
-    step, report.step_cache = apply_step_cache(model, plan.step_cache)
-    report.steps.append(step)
-    report.steps.append(apply_placement(bundle, placement, report.step_cache))
     report.steps.append(apply_compile_step(model, plan.compile))
+    step, report.step_caches = apply_step_caches(model, plan.step_caches)
+    report.steps.append(step)
+    report.steps.append(apply_placement(bundle, placement, report.step_caches))
     report.steps.append(apply_attention_step(model, plan.attention))
     for s in report.steps:
         log.info("Transformer %s: %s", s.step.replace("_", " "), s.summary)
