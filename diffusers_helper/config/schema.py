@@ -31,7 +31,6 @@ def _s(default, env=None, flags=(), help="", *, choices=None, min=None, max=None
     return field(default=default, metadata=meta)
 
 
-_LATER = "not built yet"
 _KV = ("FramePack's text tokens are modulated by the timestep in every dual-stream block before their keys and "
        "values are formed, so those change at every step (docs/performance.md has the measured change): reusing "
        "them would be an approximation, not a cache; the step caches (--cache) are the approximations on offer")
