@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from .pipeline.e2e import rel_l2
 from .pipeline.sampling import Guidance, sample_section
 from .accel.attention import set_attention_backend
 from .accel.compile import compile_blocks, use_compile_cache
@@ -48,16 +49,9 @@ def _transformer(device: torch.device, weights: str = "bf16"):
     back through diffusers' from_pretrained with the app's quantization config."""
     if weights in BNB_BITS:
         return _bnb_transformer(device, BNB_BITS[weights])
-    torch.manual_seed(0)
-    if device.type == "cuda":
-        from .models.fullsize import build_transformer
+    from .models.fullsize import seeded_transformer
 
-        return build_transformer(device), torch.bfloat16, 640
-    from .models.loading import load_models
-    from .models.tiny import ensure_tiny_models, tiny_spec
-
-    bundle = load_models(tiny_spec("tiny", ensure_tiny_models()), parts=["transformer"])
-    return bundle.transformer.to(device), torch.float32, 64
+    return seeded_transformer(device)
 
 
 def _bnb_transformer(device: torch.device, bits: int):
@@ -91,11 +85,6 @@ def count_flops(run) -> float:
     return float(counter.get_total_flops())
 
 
-def _rel_l2(x: torch.Tensor, ref: torch.Tensor) -> float:
-    x, ref = x.detach().cpu().double(), ref.detach().cpu().double()
-    return float(torch.linalg.vector_norm(x - ref) / torch.linalg.vector_norm(ref))
-
-
 def bench_config(name, transformer, cond, noise, dtype, device, repeats, flops, fidelity_steps, reference):
     """One configuration's row, and its (forward output, section latents) for the next rows to compare with."""
     run = _forward_fn(transformer, cond, noise, dtype, device)
@@ -123,8 +112,8 @@ def bench_config(name, transformer, cond, noise, dtype, device, repeats, flops, 
         latents = sample_section(transformer, noise=noise, steps=fidelity_steps, positive=cond, negative=cond,
                                  guidance=Guidance(), dtype=dtype, device=device)
     if reference is not None:
-        row["rel_l2_forward"] = _rel_l2(out, reference[0])
-        row["rel_l2_section"] = _rel_l2(latents, reference[1])
+        row["rel_l2_forward"] = rel_l2(out, reference[0])
+        row["rel_l2_section"] = rel_l2(latents, reference[1])
     log.info("%s: %s", name, row)
     return row, (out, latents.float().cpu())
 

@@ -97,3 +97,14 @@ def build_bundle(model: str = "framepack", device="cuda", parts: tuple[str, ...]
     if "image_encoder" in parts:
         bundle.image_encoder = build_image_encoder(device)
     return bundle
+
+
+def seeded_transformer(device) -> tuple[torch.nn.Module, torch.dtype, int]:
+    """The same weights at every call, so benchmark rows compare like with like: on CUDA the full-size transformer
+    drawn from seed 0 (bf16, 640 bucket), elsewhere the tiny preset's from disk (float32, 64)."""
+    device = torch.device(device)
+    torch.manual_seed(0)
+    if device.type == "cuda":
+        return build_transformer(device), torch.bfloat16, 640
+    transformer = load_models(tiny_spec("tiny", ensure_tiny_models()), parts=["transformer"]).transformer
+    return transformer.to(device), torch.float32, 64

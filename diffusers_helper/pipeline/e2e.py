@@ -33,14 +33,17 @@ def _image(size: int) -> np.ndarray:
 
 
 def _bundle(device: torch.device):
+    """Every model but the transformer, which each acceleration gets afresh from `seeded_transformer`."""
+    others = ["text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae", "feature_extractor",
+              "image_encoder"]
     if device.type == "cuda":
         from ..models.fullsize import build_bundle
 
-        return build_bundle("framepack", device), 640
+        return build_bundle("framepack", device, parts=tuple(others))
     from ..models.loading import load_models
     from ..models.tiny import ensure_tiny_models, tiny_spec
 
-    return load_models(tiny_spec("tiny", ensure_tiny_models())), 64
+    return load_models(tiny_spec("tiny", ensure_tiny_models()), parts=others)
 
 
 def _plan(accel: str, cache_dir: str):
@@ -59,8 +62,9 @@ def _plan(accel: str, cache_dir: str):
                            attention=AttentionConfig(backend=backend), cache_store=None)
 
 
-def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
-    x, ref = x.double(), ref.double()
+def rel_l2(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """Relative L2 distance, in float64 on the CPU."""
+    x, ref = x.detach().cpu().double(), ref.detach().cpu().double()
     return float(torch.linalg.vector_norm(x - ref) / torch.linalg.vector_norm(ref))
 
 
@@ -130,14 +134,17 @@ def main(argv=None) -> int:
                "seconds": args.seconds, "steps": args.steps, "rows": {}}
     first_reference = None
     outputs = Path(tempfile.mkdtemp(prefix="framepack-e2e-"))
-    bundle, size = _bundle(device)
-    image = _image(size)
+    from ..models.fullsize import seeded_transformer
+
+    bundle = _bundle(device)
+    engine = None
     for accel in [a.strip() for a in args.accel.split(",") if a.strip()]:
-        if accel != args.accel.split(",")[0].strip():
-            del engine
-            bundle.transformer = None
-            torch.cuda.empty_cache() if device.type == "cuda" else None
-            bundle.transformer = _bundle_transformer(device)
+        del engine  # the previous acceleration's converted or compiled transformer goes before the next is built
+        bundle.transformer = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        bundle.transformer, _, size = seeded_transformer(device)  # the same weights for every acceleration
+        image = _image(size)
         engine = Engine(bundle, Placement(device, "full"), outputs_dir=outputs, plan=_plan(accel, args.cache_dir))
         request = dict(prompt="a cat walks on the grass", image=image, seed=args.seed, gpu_memory_preservation_gb=0)
         t0 = time.perf_counter()  # compile (and cuDNN autotuning) happen here, not in the timed jobs
@@ -150,11 +157,11 @@ def main(argv=None) -> int:
             row, latents = run_job(engine, GenerationRequest(**request, seconds=args.seconds, steps=args.steps,
                                                              cache=cache, **values))
             if reference is not None:
-                row["rel_l2_vs_no_cache"] = round(_rel(latents, reference), 5)
+                row["rel_l2_vs_no_cache"] = round(rel_l2(latents, reference), 5)
             elif cache == "none":
                 reference = latents
             if first_reference is not None:
-                row["rel_l2_vs_first_no_cache"] = round(_rel(latents, first_reference), 5)
+                row["rel_l2_vs_first_no_cache"] = round(rel_l2(latents, first_reference), 5)
             log.info("%s + %s: %s", accel, spec, row)
             results["rows"][f"{accel}+{spec}"] = row
             if args.out:
@@ -164,15 +171,3 @@ def main(argv=None) -> int:
     print(json.dumps(results, indent=2))
     return 0
 
-
-def _bundle_transformer(device: torch.device):
-    """A fresh transformer with the same weights (fixed seed), for the next acceleration to convert or compile."""
-    torch.manual_seed(0)
-    if device.type == "cuda":
-        from ..models.fullsize import build_transformer
-
-        return build_transformer(device)
-    from ..models.loading import load_models
-    from ..models.tiny import ensure_tiny_models, tiny_spec
-
-    return load_models(tiny_spec("tiny", ensure_tiny_models()), parts=["transformer"]).transformer
