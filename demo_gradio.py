@@ -34,7 +34,7 @@ from diffusers_helper.app.jobs import ALL, ENDED, QUEUED, RUNNING, JobQueue, Job
 from diffusers_helper.models.loading import WeightsMissingError
 from diffusers_helper.pipeline.request import GenerationRequest, InputError
 from diffusers_helper.config import Settings, job_defaults, job_fields
-from diffusers_helper.config.job import python_type
+from diffusers_helper.config.job import CACHE_LABELS, python_type
 from diffusers_helper.app.startup import engine_provider, model_name, start
 
 log = logging.getLogger("framepack.app")
@@ -44,8 +44,6 @@ QUICK_PROMPTS = [
     "A character doing some simple body movements.",
     "The camera slowly pushes in while the subject turns their head and smiles.",
 ]
-CACHE_LABELS = {"none": "None", "teacache": "TeaCache", "magcache": "MagCache", "fbcache": "First-block cache",
-                "taylorseer": "TaylorSeer"}
 MAX_SEED = next(f.metadata["max"] for f in job_fields() if f.name == "seed")
 CSS = """
 .fp-progress {margin: 4px 0}

@@ -139,7 +139,7 @@ class _Pass(ModelHook):
 class EveryOtherStep(StepCache):
     """Skips the blocks on every second step of a section (a made-up rule: only the interface matters)."""
 
-    name = label = "every-other"
+    name = "every-other"
 
     def __init__(self, transformer):
         super().__init__()
@@ -174,6 +174,6 @@ def test_a_new_cache_drives_the_engine_and_the_streamer(tiny_root, tmp_path, tes
         assert streamer.bytes_copied <= 3 * streamer.total_bytes + 3 * 3 * largest < 6 * streamer.total_bytes
         assert not engine.step_caches.enabled
         with pytest.raises(ValueError, match="step cache 'teacache' is not available here"):
-            engine.step_caches.select(CacheSettings(cache="teacache"))
+            engine.step_caches.select(CacheSettings.of(cache="teacache"))
     finally:
         CACHE_NAMES.remove("every-other")

@@ -19,25 +19,28 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ..config.job import CACHE_NAMES
+from ..config.job import CACHE_LABELS, CACHE_NAMES, JobSettings
 
 
 @dataclass(frozen=True)
 class CacheSettings:
-    """A job's step-cache controls (the fields of `config.job` that belong to caches)."""
+    """A job's step-cache controls: the fields of `config.job` that belong to caches, declared (with their
+    defaults) only there."""
 
-    cache: str = "none"
-    teacache_threshold: float = 0.15
-    magcache_threshold: float = 0.1
-    magcache_max_skips: int = 2
-    magcache_retention: float = 0.25
-    magcache_calibrate: bool = False
-    fbcache_threshold: float = 0.05
-    taylorseer_interval: int = 4
+    cache: str
+    teacache_threshold: float
+    magcache_threshold: float
+    magcache_max_skips: int
+    magcache_retention: float
+    magcache_calibrate: bool
+    fbcache_threshold: float
+    taylorseer_interval: int
 
     @classmethod
-    def of(cls, job) -> "CacheSettings":
-        return cls(**{name: getattr(job, name) for name in cls.__dataclass_fields__})
+    def of(cls, job=None, **changes) -> "CacheSettings":
+        """From a job (a request or the settings); without one, the declared defaults; `changes` override."""
+        job = job if job is not None else JobSettings()
+        return cls(**{name: changes.get(name, getattr(job, name)) for name in cls.__dataclass_fields__})
 
 
 @dataclass(frozen=True)
@@ -48,13 +51,18 @@ class CacheContext:
     resolution: int = 640  # the bucket resolution asked for
     model: str = ""  # names the loaded transformer, for calibrated data
     store: Path | None = None  # where a cache may keep calibrated data
+    steps: int = 25  # the job's steps per section
 
 
 class StepCache(ABC):
     """One cache's hooks on one transformer. Off (the default) they only pass through."""
 
     name: str = "cache"  # the registry name a job picks
-    label: str = "cache"  # how the log and the UI name it
+
+    @property
+    def label(self) -> str:
+        """How the log and the UI name it (config.job.CACHE_LABELS)."""
+        return CACHE_LABELS.get(self.name, self.name)
 
     def __init__(self) -> None:
         self.enabled = False
@@ -96,6 +104,11 @@ def register_step_cache(name: str, attach: Callable[[object], StepCache]) -> Non
         CACHE_NAMES.append(name)
 
 
+def context_name(states) -> str:
+    """The cache context a diffusers StateManager is in ("cond", "uncond", "cfg-batch"), "" outside one."""
+    return getattr(states._context, "name", "")
+
+
 def _builtin(module: str, cls: str) -> Callable[[object], StepCache]:
     def attach(transformer):
         import importlib
@@ -131,7 +144,7 @@ class StepCaches:
                 raise ValueError(f"unknown step cache {name!r}; one of {', '.join(STEP_CACHES)}") from None
             self.caches[name] = attach(transformer)
         self.active: StepCache | None = None
-        self.settings = CacheSettings()
+        self.settings = CacheSettings.of(cache="none")
         self.sections: list[SectionCacheStats] = []
         self.description = "off"
 
@@ -142,10 +155,6 @@ class StepCaches:
     @property
     def enabled(self) -> bool:
         return self.active is not None and self.active.enabled
-
-    @property
-    def label(self) -> str:
-        return self.active.label if self.active else "none"
 
     def select(self, settings: CacheSettings, context: CacheContext | None = None) -> str:
         """Turn on the job's cache (or none); returns what the log says."""
@@ -178,7 +187,7 @@ class StepCaches:
     def skipping(self) -> bool:
         return self.enabled and self.active.skipping()
 
-    def note(self, steps: int) -> str:
+    def note(self) -> str:
         """After a section: one line for the UI and the log; the section's counts go into `record()`."""
         if not self.enabled:
             return ""

@@ -12,21 +12,20 @@ from diffusers.hooks import HookRegistry
 from diffusers.hooks.hooks import StateManager
 from diffusers.hooks.first_block_cache import FBCBlockHook, FBCHeadBlockHook, FBCSharedBlockState
 
-from .base import CacheContext, CacheSettings, StepCache
+from .base import CacheContext, CacheSettings, StepCache, context_name
 
 
 class _Head(FBCHeadBlockHook):
     def __init__(self, cache: "FirstBlockCache", states: StateManager):
-        super().__init__(states, cache.threshold)
+        super().__init__(states, threshold=0.05)  # the job's value is set by FirstBlockCache.configure
         self.cache = cache
 
     def new_forward(self, module, *args, **kwargs):
         cache = self.cache
         if not cache.enabled:
             return self.fn_ref.original_forward(*args, **kwargs)
-        self.threshold = cache.threshold
         output = super().new_forward(module, *args, **kwargs)
-        if getattr(self.state_manager._context, "name", "") != "uncond":  # count each step once
+        if context_name(self.state_manager) != "uncond":  # count each step once
             cache.count(cache.step, self.state_manager.get_state().should_compute)
             cache.step += 1
         return output
@@ -44,25 +43,26 @@ class _Block(FBCBlockHook):
 
 
 class FirstBlockCache(StepCache):
-    name, label = "fbcache", "First-block cache"
+    name = "fbcache"
 
     def __init__(self, transformer):
         super().__init__()
-        self.threshold, self.step = 0.05, 0
+        self.step = 0
         self.states = StateManager(FBCSharedBlockState, (), {})
         blocks = list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
         if len(blocks) < 2:
             raise ValueError("the first-block cache needs at least two transformer blocks")
+        self.head = _Head(self, self.states)
         for i, block in enumerate(blocks):
-            hook = _Head(self, self.states) if i == 0 else _Block(self, self.states, is_tail=i == len(blocks) - 1)
+            hook = self.head if i == 0 else _Block(self, self.states, is_tail=i == len(blocks) - 1)
             HookRegistry.check_if_exists_or_initialize(block).register_hook(hook, f"fbcache_{i}")
         HookRegistry.check_if_exists_or_initialize(transformer).invalidate_child_registries_cache()
 
     def configure(self, settings: CacheSettings, context: CacheContext) -> str:
         if settings.fbcache_threshold < 0:
             raise ValueError(f"first-block cache threshold must be >= 0, got {settings.fbcache_threshold}")
-        self.threshold = settings.fbcache_threshold
-        return f"first-block cache, threshold {self.threshold:g}"
+        self.head.threshold = settings.fbcache_threshold
+        return f"first-block cache, threshold {self.head.threshold:g}"
 
     def reset(self, num_steps: int) -> None:
         self.states.reset()

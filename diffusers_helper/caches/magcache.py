@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from .base import CacheContext, CacheSettings
-from .residual import ResidualCache, ResidualState, _context_name
+from .base import context_name
+from .residual import ResidualCache, ResidualState
 
 log = logging.getLogger("framepack.magcache")
 PUBLISHED = Path(__file__).with_name("magcache_ratios.json")
@@ -61,7 +62,7 @@ def calibration_file(context: CacheContext) -> Path | None:
 
 
 class MagCache(ResidualCache):
-    name, label, hook_prefix = "magcache", "MagCache", "magcache"
+    name, hook_prefix = "magcache", "magcache"
 
     def __init__(self, transformer):
         super().__init__(transformer)
@@ -87,7 +88,7 @@ class MagCache(ResidualCache):
         if self.calibrate:
             return "MagCache calibration (nothing skipped; ratios saved for this model)"
         return (f"MagCache, threshold {self.threshold:g}, K {self.max_skips}, retention {self.retention:g} "
-                f"(ratios: {self._choose_ratios(25)})")
+                f"(ratios: {self._choose_ratios(context.steps)})")
 
     def _choose_ratios(self, steps: int) -> str:
         path = calibration_file(self.context)
@@ -103,11 +104,6 @@ class MagCache(ResidualCache):
         self.source = f"published FramePack{'-F1' if self.context.family == 'F1' else ''}, {where}"
         return self.source
 
-    def reset(self, num_steps: int) -> None:
-        super().reset(num_steps)
-        if self.enabled and not self.calibrate and len(self.ratios) != num_steps:
-            self._choose_ratios(num_steps)
-
     def decide(self, state: ResidualState, step: int, module, hidden_states, temb) -> bool:
         rule = state.rule
         if self.calibrate or step < int(self.retention * self.num_steps + 0.5) or step >= len(self.ratios):
@@ -121,7 +117,7 @@ class MagCache(ResidualCache):
         return True
 
     def computed(self, state: ResidualState, residual: torch.Tensor) -> None:
-        if not self.calibrate or _context_name(self.states) == "uncond":
+        if not self.calibrate or context_name(self.states) == "uncond":
             return
         ratios = state.rule.setdefault("calibration", [])
         if state.residual is None:

@@ -17,7 +17,7 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 
-from .base import StepCache
+from .base import StepCache, context_name
 
 _HEAD, _SKIP, _TAIL = "head", "skip", "tail"
 
@@ -32,10 +32,6 @@ class ResidualState(BaseState):
         self.block_input: torch.Tensor | None = None
         self.compute = True
         self.rule: dict = {}  # the skip rule's own accumulators
-
-
-def _context_name(states: StateManager) -> str:
-    return getattr(states._context, "name", "")
 
 
 class _Hook(ModelHook):
@@ -60,7 +56,7 @@ class _HeadHook(_Hook):
         compute = cache.decide(st, step, module, hidden_states, temb) or st.residual is None
         st.count += 1
         st.compute = compute
-        if _context_name(cache.states) != "uncond":  # count each step once, whatever the guidance
+        if context_name(cache.states) != "uncond":  # count each step once, whatever the guidance
             cache.count(step, compute)
         if not compute:
             return hidden_states, encoder_hidden_states

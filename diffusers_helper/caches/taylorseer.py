@@ -14,7 +14,7 @@ from diffusers.hooks import HookRegistry
 from diffusers.hooks.hooks import StateManager
 from diffusers.hooks.taylorseer_cache import TaylorSeerCacheHook, TaylorSeerState
 
-from .base import CacheContext, CacheSettings, StepCache
+from .base import CacheContext, CacheSettings, StepCache, context_name
 
 WARMUP = 3  # diffusers' default: the first steps always compute, to seed the expansion
 
@@ -31,18 +31,17 @@ class _Hook(TaylorSeerCacheHook):
         cache = self.cache
         if not cache.enabled:
             return self.fn_ref.original_forward(*args, **kwargs)
-        self.cache_interval = cache.interval
         if self.counts:  # the first block's hook says what this step does, before any other block runs
             state = self.state_manager.get_state()
             step = state.current_step + 1
             cache.predicting = not cache.computes(step)
-            if getattr(self.state_manager._context, "name", "") != "uncond":
+            if context_name(self.state_manager) != "uncond":
                 cache.count(step, not cache.predicting)
         return super().new_forward(module, *args, **kwargs)
 
 
 class TaylorSeer(StepCache):
-    name, label = "taylorseer", "TaylorSeer"
+    name = "taylorseer"
 
     def __init__(self, transformer):
         super().__init__()
@@ -63,6 +62,8 @@ class TaylorSeer(StepCache):
         if settings.taylorseer_interval < 1:
             raise ValueError(f"TaylorSeer interval must be >= 1, got {settings.taylorseer_interval}")
         self.interval = int(settings.taylorseer_interval)
+        for hook in self.hooks:
+            hook.cache_interval = self.interval
         return f"TaylorSeer, one step in {self.interval} after {WARMUP} warm-up steps (first order)"
 
     def reset(self, num_steps: int) -> None:

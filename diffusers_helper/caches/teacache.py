@@ -18,7 +18,7 @@ RESCALE = np.poly1d([7.33226126e02, -4.01131952e02, 6.75869174e01, -3.14987800e0
 
 
 class TeaCache(ResidualCache):
-    name, label, hook_prefix = "teacache", "TeaCache", "teacache"
+    name, hook_prefix = "teacache", "teacache"
 
     def __init__(self, transformer):
         super().__init__(transformer)

@@ -14,8 +14,11 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 ACTIVE = "active"
-# the step caches a job can choose; caches.base registers each one's implementation under its name
-CACHE_NAMES = ["none", "teacache", "magcache", "fbcache", "taylorseer"]
+# the step caches a job can choose, and how the UI and the log name them; caches.base registers each one's
+# implementation under its name
+CACHE_LABELS = {"none": "None", "teacache": "TeaCache", "magcache": "MagCache", "fbcache": "First-block cache",
+                "taylorseer": "TaylorSeer"}
+CACHE_NAMES = list(CACHE_LABELS)
 # `--cache-threshold X` / FRAMEPACK_CACHE_THRESHOLD set the chosen cache's own knob
 CACHE_THRESHOLD_FIELDS = {"teacache": "teacache_threshold", "magcache": "magcache_threshold",
                           "fbcache": "fbcache_threshold", "taylorseer": "taylorseer_interval"}

@@ -96,7 +96,7 @@ class Engine:
         store = self.plan.cache_store
         return CacheContext(family="F1" if self.spec.mode == "f1" else "Original",
                             resolution=request.resolution or self.spec.default_resolution, model=self.spec.name,
-                            store=Path(store) if store else None)
+                            store=Path(store) if store else None, steps=request.steps)
 
     def _choose_background_decode(self, mode: str) -> bool:
         """Decode section k while k+1 samples: on the VAE's own device when it has one (a second GPU), else on
@@ -352,7 +352,7 @@ class Engine:
                 latents = self._stepping_down(f"in section {k + 1}/{sections}", sample, record, emit, finisher,
                                               "retrying the section", lambda: cache.reset(request.steps))
                 schedule.add(k, latents)
-                note = cache.note(request.steps)
+                note = cache.note()
                 record["step_cache"] = cache.record()
                 if note:
                     log.info("Section %d/%d: %s", k + 1, sections, note)
