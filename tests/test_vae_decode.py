@@ -4,6 +4,7 @@ import threading
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from diffusers_helper.vae import plan as vae_plan
 from diffusers_helper.vae.decode import SectionDecoder, vae_decode
@@ -187,3 +188,17 @@ def test_quality_mode_job(tiny_bundles, tmp_path, test_image):
                                               quality_mode=True), lambda e: None)
     assert isinstance(final, Finished) and final.frames == 73
     assert "Quality Mode" in engine.decoder.last_plan.reason
+
+
+@pytest.mark.parametrize("pad", [(1, 1, 1, 1, 2, 0), (1, 1, 0, 1, 2, 0), (1, 1, 1, 0, 2, 0), (0, 0, 0, 0, 1, 1),
+                                 (2, 0, 3, 1, 0, 2)])
+def test_replicate_pad_equals_torch(pad):
+    """The slice-copy pad gives F.pad(replicate)'s values exactly, alone and with the norm + SiLU fused in."""
+    from diffusers_helper.vae.chunked import _replicate_pad
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 4, 5, 6, dtype=torch.float16)
+    assert torch.equal(_replicate_pad(x, pad), F.pad(x, pad, mode="replicate"))
+    a, b = torch.rand(1, 3, 1, 1, 1) + 0.5, torch.randn(1, 3, 1, 1, 1)
+    normed = F.silu(x.float() * a + b).to(x.dtype)
+    assert torch.equal(_replicate_pad(x, pad, (a, b)), F.pad(normed, pad, mode="replicate"))
