@@ -200,3 +200,35 @@ def test_optimized_cache_keeps_torchao_weights(bits, tiny_root, tmp_path, test_i
     other = 4 if bits == 8 else 8  # the other width is another file, never this one
     _provider(tmp_path / "c", cache, f"int{other}").get("tiny")
     assert len(list(cache.glob(f"tiny-int{other}-*.pt"))) == 1
+
+
+def test_backend_that_fails_its_first_call_falls_back(tiny_bundles, caplog, monkeypatch):
+    """An install that imports but cannot run here (SageAttention built for another GPU) is caught before a job."""
+    from diffusers.models import attention_dispatch
+
+    transformer = tiny_bundles["tiny"].transformer
+
+    def broken(*args, **kwargs):
+        raise AssertionError("SM89 kernel is not available. Make sure you GPUs with compute capability 8.9.")
+
+    monkeypatch.setattr(attention_dispatch, "dispatch_attention_fn", broken)
+    with caplog.at_level("WARNING"):
+        used = set_attention_backend(transformer, "math")  # installed everywhere; its first call fails here
+    monkeypatch.undo()
+    try:
+        assert used == "native"
+        assert "Attention backend math unavailable (SM89 kernel is not available." in caplog.text
+        assert {getattr(m.processor, "_attention_backend", None) for m in transformer.modules()
+                if getattr(m, "processor", None) is not None} <= {None, "native"}
+    finally:
+        set_attention_backend(transformer, "native")
+
+
+def test_sage_without_a_usable_install_falls_back(tiny_bundles, caplog):
+    transformer = tiny_bundles["tiny"].transformer
+    with caplog.at_level("WARNING"):
+        used = set_attention_backend(transformer, "sage-fp8")  # no SageAttention 2 (nor a GPU) here
+    try:
+        assert used == "native" and "Attention backend sage-fp8 unavailable" in caplog.text
+    finally:
+        set_attention_backend(transformer, "native")

@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import torch
+
 log = logging.getLogger("framepack.attention")
 
 BACKEND_NAMES = {"native": "native", "cudnn": "_native_cudnn", "flash": "_native_flash", "efficient":
@@ -45,6 +47,19 @@ def _already_native(transformer) -> bool:
     return own <= {None} and str(getattr(_AttentionBackendRegistry._active_backend, "value", "")) == "native"
 
 
+def _probe(transformer, name: str) -> None:
+    """One small attention call through the backend: a package can import and still fail on this GPU (a kernel
+    built for another architecture, a wheel built against another torch), and that must not fail a job later."""
+    from diffusers.models.attention_dispatch import AttentionBackendName, dispatch_attention_fn
+
+    p = next(transformer.parameters())
+    dtype = p.dtype if p.dtype in (torch.float16, torch.bfloat16) or p.device.type == "cpu" else torch.bfloat16
+    q = torch.randn(1, 128, 2, 128, device=p.device, dtype=dtype)  # (batch, tokens, heads, head dim)
+    out = dispatch_attention_fn(q, q, q, backend=AttentionBackendName(name))
+    if not torch.isfinite(out).all():
+        raise RuntimeError("it returned non-finite values")
+
+
 def set_attention_backend(transformer, backend: str) -> str:
     """Apply a backend; a backend that cannot run here falls back to native SDPA, and the log says so."""
     name = BACKEND_NAMES.get(backend)
@@ -55,7 +70,9 @@ def set_attention_backend(transformer, backend: str) -> str:
         return backend
     try:
         transformer.set_attention_backend(name)
-    except Exception as exc:  # noqa: BLE001 - missing package, wrong GPU: fall back, say why
+        if name != "native":
+            _probe(transformer, name)
+    except Exception as exc:  # noqa: BLE001 - missing package, wrong GPU, broken build: fall back, say why
         log.warning("Attention backend %s unavailable (%s); using PyTorch SDPA", backend,
                     str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__)
         transformer.set_attention_backend("native")

@@ -97,7 +97,8 @@ def run_job(engine, request) -> tuple[dict, torch.Tensor]:
     row = {"total_s": round(wall, 2), "frames": final.frames, "s_per_frame": round(wall / final.frames, 4),
            "steps_computed": sum(s["computed"] for s in totals) if totals else request.steps * record["sections"],
            "steps_skipped": sum(s["skipped"] for s in totals) if totals else 0,
-           "cache": record.get("step_cache", {}).get("description", "off")}
+           "cache": record.get("step_cache", {}).get("description", "off"),
+           "decode_busy_s": record.get("decode_busy_s")}  # VAE decode + MP4 writes, partly overlapping sampling
     if cuda:
         row["peak_vram_gb"] = round(torch.cuda.max_memory_allocated() / 1024**3, 2)
     return row, torch.cat([z.flatten() for z in latents])
