@@ -200,7 +200,8 @@ def build_app(app: App) -> gr.Blocks:
             with gr.Column():
                 image = gr.Image(sources=["upload"], type="filepath", label="Image", height=320,
                                  elem_id="input-image")
-                prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt")
+                prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt",
+                                    info="Timed prompts change over the video: [0s: a cat sits] [2s: the cat stands up]")
                 quick = gr.Dataset(samples=[[p] for p in QUICK_PROMPTS], label="Quick prompts", components=[prompt])
                 quick.click(lambda x: x[0], inputs=[quick], outputs=prompt, show_progress="hidden", queue=False,
                             api_visibility="private")

@@ -113,7 +113,7 @@ def oom_once(module, calls: dict):
 @pytest.fixture
 def encoded_frames(monkeypatch):
     """Capture the frames handed to the MP4 encoder (x264's bitstream itself is not bit-reproducible)."""
-    import diffusers_helper.pipeline.engine as engine_module
+    import diffusers_helper.pipeline.finisher as engine_module  # where a job's files are written
 
     captured = {}
     real = engine_module.write_mp4

@@ -43,6 +43,8 @@ def _bad(capsys, argv):
     (["--steps", "-3"], "steps must be"),
     (["--model", "sdxl"], "unknown model 'sdxl'"),
     (["--device", "quantum"], "device 'quantum' is not a device"),
+    (["--prompt", "[0s: a cat] [2x: it stands]"], "timed prompt: '2x' is not a time"),
+    (["--prompt-blend-sections", "9"], "prompt blending must be between 0 and 8"),
 ])
 def test_bad_numbers_and_model(capsys, tmp_path, image_file, extra, message):
     code, err = _bad(capsys, ["--image", str(image_file), "--prompt", "x", "--model", "tiny",

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffusers_helper.pipeline.buckets import BUCKETS_640, buckets_for, find_nearest_bucket, resize_and_center_crop
+from diffusers_helper.pipeline.conditioning import BUCKETS_640, buckets_for, find_nearest_bucket, resize_and_center_crop
 from diffusers_helper.pipeline.conditioning import (crop_or_pad_with_mask, encode_prompt, image_to_tensor, siglip_embed,
                                            template_crop_start, vae_encode)
 from diffusers_helper.models.specs import PROMPT_TEMPLATE

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import diffusers_helper.pipeline.engine as engine_module
+import diffusers_helper.pipeline.finisher as finisher_module
 from diffusers_helper.app.jobs import FAILED, FINISHED, JobQueue
 from diffusers_helper.memory.placement import Placement
 from diffusers_helper.pipeline.engine import Engine
@@ -29,7 +30,8 @@ class _Provider:
 
 def _failing_once(monkeypatch, name: str, exc: OSError, after: int = 0):
     """Make the engine's `name` writer raise `exc` on its call number `after` (0: the first) only."""
-    real = getattr(engine_module, name)
+    module = finisher_module if name == "write_mp4" else engine_module  # the video is written by the job's files
+    real = getattr(module, name)
     calls = {"n": 0}
 
     def writer(*args, **kwargs):
@@ -38,7 +40,7 @@ def _failing_once(monkeypatch, name: str, exc: OSError, after: int = 0):
             raise exc
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(engine_module, name, writer)
+    monkeypatch.setattr(module, name, writer)
 
 
 def _request(image):

@@ -1,5 +1,6 @@
 """The web app in a real browser (Debian's chromium driven by Playwright) and through gradio_client."""
 
+import json
 import os
 import shutil
 import socket
@@ -270,3 +271,26 @@ def test_the_api_opens_only_uploaded_files_and_checks_job_ids(app_url, image_fil
     client = Client(url, verbose=False)
     assert client.predict(["a", "list"], api_name="/job_status")["state"] == "unknown"
     assert client.predict("no-such-job", api_name="/cancel_job").startswith("Unknown job")
+
+
+def _newest_sidecar(outputs: Path) -> dict:
+    records = [json.loads(p.read_text()) for p in sorted(outputs.glob("*.json"), key=lambda p: p.stat().st_mtime)]
+    return [r for r in records if "settings" in r][-1]  # a job's sidecar (the folder also holds the job journal)
+
+
+def test_timed_prompt_in_the_browser(page, image_file, app_url):
+    """A timed prompt with blending runs from the UI; the sidecar says which prompt each section used."""
+    _set_slider(page, "prompt-blend", 1)
+    _start(page, image_file, prompt="[0s: a cat sits]\n[1.2s: the cat stands up]", seconds=2.4, steps=3)
+    _wait_status(page, "Finished")
+    record = _newest_sidecar(app_url[1])
+    assert record["settings"]["prompt_blend_sections"] == 1
+    assert [[p["text"] for p in row["prompts"]] for row in record["prompt_schedule"]] == [
+        ["a cat sits"], ["a cat sits", "the cat stands up"]]
+    page.locator("#prompt").screenshot(path=str(app_url[1] / "timed_prompts.png"))
+
+
+def test_bad_timestamp_in_the_browser_is_one_line(page, image_file):
+    _start(page, image_file, prompt="[0s: a cat sits] [2x: the cat stands up]", seconds=1, steps=2)
+    status = _wait_status(page, "not a time")
+    assert "at character 18" in status and "Traceback" not in page.content()

@@ -77,6 +77,10 @@ class JobSettings:
     seconds: float = _j(5.0, "Total video length (seconds)", "length of the video in seconds",
                         env="FRAMEPACK_VIDEO_LENGTH", flags=["--seconds", "--video-length"], min=1.0, max=120.0,
                         step=0.1, what="video length", elem_id="seconds")
+    prompt_blend_sections: int = _j(0, "Prompt blending (sections)", "For timed prompts such as [0s: a cat sits] "
+                                    "[2s: the cat stands up]: fade each new part in over this many sections.",
+                                    env="FRAMEPACK_PROMPT_BLEND_SECTIONS", flags=["--prompt-blend-sections"], min=0,
+                                    max=8, step=1, elem_id="prompt-blend", what="prompt blending")
     latent_window_size: int = _j(9, "Latent window size", "latent frames per section",
                                  env="FRAMEPACK_LATENT_WINDOW_SIZE", flags=["--latent-window-size", "--window"], min=1,
                                  max=33, step=1, section="hidden")

@@ -1,4 +1,5 @@
-"""Turn a prompt and an image into the tensors the FramePack transformer is conditioned on.
+"""Turn a prompt and an image into the tensors the FramePack transformer is conditioned on, and fit the image
+to a resolution bucket (cover-resize and center-crop) as the original does.
 
 Exactly the original's recipe: templated Llama prompt,
 hidden_states[-3] cropped to the prompt tokens and padded to 512 with a mask; CLIP-L pooler; the image
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from PIL import Image
 
 from ..models.specs import PROMPT_TEMPLATE
 
@@ -28,6 +30,19 @@ class PromptEmbeds:
     def zeros_like(self) -> "PromptEmbeds":
         """All-zero negative of the same shapes: what the original uses when real CFG is 1."""
         return PromptEmbeds(torch.zeros_like(self.llama), self.llama_mask.clone(), torch.zeros_like(self.pooled))
+
+    @staticmethod
+    def mix(items: list[tuple["PromptEmbeds", float]]) -> "PromptEmbeds":
+        """A weighted blend of prompts (weights summing to 1): embeddings and pooled vectors mixed linearly, the
+        text tokens of every prompt kept (masks joined; a shorter prompt's padding is zeros)."""
+        if len(items) == 1:
+            return items[0][0]
+        llama = sum(e.llama.float() * w for e, w in items).to(items[0][0].llama.dtype)
+        pooled = sum(e.pooled.float() * w for e, w in items).to(items[0][0].pooled.dtype)
+        mask = items[0][0].llama_mask.clone()
+        for e, _ in items[1:]:
+            mask |= e.llama_mask
+        return PromptEmbeds(llama, mask, pooled)
 
 
 def crop_or_pad_with_mask(x: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,3 +98,46 @@ def siglip_embed(image: np.ndarray, feature_extractor, image_encoder) -> torch.T
     inputs = feature_extractor.preprocess(images=image, return_tensors="pt")
     pixel_values = inputs["pixel_values"].to(device=image_encoder.device, dtype=image_encoder.dtype)
     return image_encoder(pixel_values=pixel_values).last_hidden_state
+
+# (height, width) buckets of the original app at resolution 640.
+BUCKETS_640 = (
+    (416, 960), (448, 864), (480, 832), (512, 768), (544, 704), (576, 672), (608, 640),
+    (640, 608), (672, 576), (704, 544), (768, 512), (832, 480), (864, 448), (960, 416),
+)
+
+
+def buckets_for(resolution: int) -> tuple[tuple[int, int], ...]:
+    """The 640 table, or the same aspect ratios scaled to another resolution (multiples of 16)."""
+    if resolution == 640:
+        return BUCKETS_640
+    if resolution < 32:
+        raise ValueError(f"resolution must be at least 32, got {resolution}")
+    scale = resolution / 640
+
+    def snap(v: int) -> int:
+        return max(16, int(round(v * scale / 16)) * 16)
+
+    return tuple((snap(h), snap(w)) for h, w in BUCKETS_640)
+
+
+def find_nearest_bucket(h: int, w: int, resolution: int = 640) -> tuple[int, int]:
+    """Bucket whose aspect ratio is nearest to h:w; ties go to the later bucket, as in the original."""
+    best, best_metric = None, float("inf")
+    for bh, bw in buckets_for(resolution):
+        metric = abs(h * bw - w * bh)
+        if metric <= best_metric:
+            best, best_metric = (bh, bw), metric
+    return best
+
+
+def resize_and_center_crop(image: np.ndarray, target_width: int, target_height: int) -> np.ndarray:
+    """Lanczos-resize so the image covers the target, then crop the middle."""
+    if image.shape[0] == target_height and image.shape[1] == target_width:
+        return image
+    pil = Image.fromarray(image)
+    ow, oh = pil.size
+    scale = max(target_width / ow, target_height / oh)
+    rw, rh = int(round(ow * scale)), int(round(oh * scale))
+    resized = pil.resize((rw, rh), Image.LANCZOS)
+    left, top = (rw - target_width) / 2, (rh - target_height) / 2
+    return np.array(resized.crop((left, top, left + target_width, top + target_height)))

@@ -21,10 +21,10 @@ from typing import Callable, Iterator
 import torch
 
 from .. import __version__
-from .buckets import find_nearest_bucket, resize_and_center_crop
-from .conditioning import encode_prompt, image_to_tensor, siglip_embed, vae_encode
+from .conditioning import (encode_prompt, find_nearest_bucket, image_to_tensor, resize_and_center_crop,
+                           siglip_embed, vae_encode)
 from ..vae.decode import SectionDecoder, VideoAccumulator
-from .finisher import SectionFinisher
+from .finisher import JobFiles, SectionFinisher
 from .events import TERMINAL, Cancelled, Event, Failed, Finished, Stage, StepProgress, one_line
 from ..memory.placement import MemoryPolicy, Placement
 from ..media.preview import latent_preview
@@ -32,9 +32,10 @@ from .request import GenerationRequest, InputError
 from .sampling import CancelToken, Guidance, JobCancelled, StepInfo, draw_noise, sample_section
 from .sections import SectionSchedule, frame_count, section_count
 from .prepare import TransformerPlan, prepare_transformer
+from .prompts import JobPrompts, encode_job_prompts
 from ..caches.base import CacheContext, CacheSettings
 from ..vae.plan import DecodeOptions
-from ..media.video import describe_write_error, write_json, write_mp4, write_png
+from ..media.video import FPS, describe_write_error, write_json, write_png
 
 log = logging.getLogger("framepack.engine")
 
@@ -52,25 +53,6 @@ def versions() -> dict:
 
     return {"framepack_app": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
             "transformers": transformers.__version__, "python": platform.python_version()}
-
-
-class _JobFiles:
-    """The files of one job; the video is replaced section by section, never half-written."""
-
-    def __init__(self, outputs: Path, job_id: str):
-        outputs.mkdir(parents=True, exist_ok=True)
-        self.outputs, self.job_id = outputs, job_id
-        self.image = outputs / f"{job_id}.png"
-        self.sidecar = outputs / f"{job_id}.json"
-        self.video: Path | None = None
-
-    def write_video(self, frames, crf: int) -> Path:
-        path = self.outputs / f"{self.job_id}_{frames.shape[0]}.mp4"
-        write_mp4(frames, path, crf=crf)
-        if self.video is not None and self.video != path:
-            self.video.unlink(missing_ok=True)  # the new file holds everything the old one did
-        self.video = path
-        return path
 
 
 class Engine:
@@ -201,19 +183,18 @@ class Engine:
 
     # -- stages ---------------------------------------------------------------------------------------
 
-    def _encode_prompts(self, request: GenerationRequest):
+    def _encode_prompts(self, request: GenerationRequest, sections: int) -> JobPrompts:
         b = self.bundle
         self.placement.use(b, "text_encoder", "text_encoder_2")
         crop = self.spec.prompt_crop_start
-        pos = encode_prompt(request.prompt, b.text_encoder, b.text_encoder_2, b.tokenizer, b.tokenizer_2, crop)
-        if request.cfg == 1.0:
-            neg = pos.zeros_like()
-        else:
-            neg = encode_prompt(request.negative_prompt, b.text_encoder, b.text_encoder_2, b.tokenizer,
-                                b.tokenizer_2, crop)
-        return pos, neg
 
-    def _encode_image(self, request: GenerationRequest, files: _JobFiles):
+        def encode(text: str):
+            return encode_prompt(text, b.text_encoder, b.text_encoder_2, b.tokenizer, b.tokenizer_2, crop)
+
+        return encode_job_prompts(request.prompt, request.negative_prompt, request.cfg, sections,
+                                  request.latent_window_size * 4 / FPS, request.prompt_blend_sections, encode)
+
+    def _encode_image(self, request: GenerationRequest, files: JobFiles):
         b = self.bundle
         resolution = request.resolution or self.spec.default_resolution
         h, w = request.image.shape[:2]
@@ -233,7 +214,7 @@ class Engine:
         """Run a job to the end, emitting events; returns the terminal event (also emitted)."""
         cancel = cancel or CancelToken()
         t0 = time.perf_counter()
-        files: _JobFiles | None = None
+        files: JobFiles | None = None
         record: dict = {}
 
         def kept() -> tuple[Path | None, Path | None]:
@@ -259,7 +240,7 @@ class Engine:
             try:
                 request.validate()
                 self._apply_job_options(request)
-                files = _JobFiles(self.outputs_dir, job_id or new_job_id())
+                files = JobFiles(self.outputs_dir, job_id or new_job_id())
                 sections = section_count(request.seconds, request.latent_window_size)
                 record = {"job_id": files.job_id, "model": self.spec.name, "mode": self.spec.mode,
                           "settings": request.to_record(), "sections": sections,
@@ -300,8 +281,10 @@ class Engine:
     def _run(self, request, files, sections, emit, cancel, t0, record) -> Path:
         b = self.bundle
         emit(Stage("Encoding prompt"))
-        pos, neg = self._stepping_down("while encoding the prompt", lambda: self._encode_prompts(request), record,
-                                       emit)
+        prompts = self._stepping_down("while encoding the prompt", lambda: self._encode_prompts(request, sections),
+                                      record, emit)
+        if prompts.schedule:
+            record["prompt_schedule"] = prompts.schedule
         cancel.raise_if_cancelled()
         emit(Stage("Encoding image"))
         image, start_latent, image_embeds = self._stepping_down(
@@ -312,10 +295,13 @@ class Engine:
 
         device, dtype = self.device, self.dtype
         shared = {"image_embeds": image_embeds.to(device=device, dtype=dtype)}
-        positive = {"encoder_hidden_states": pos.llama.to(device, dtype), "encoder_attention_mask":
-                    pos.llama_mask.to(device), "pooled_projections": pos.pooled.to(device, dtype), **shared}
-        negative = {"encoder_hidden_states": neg.llama.to(device, dtype), "encoder_attention_mask":
-                    neg.llama_mask.to(device), "pooled_projections": neg.pooled.to(device, dtype), **shared}
+
+        def text(e) -> dict:
+            return {"encoder_hidden_states": e.llama.to(device, dtype), "encoder_attention_mask":
+                    e.llama_mask.to(device), "pooled_projections": e.pooled.to(device, dtype), **shared}
+
+        positives = [text(e) for e in prompts.sections]
+        negative = text(prompts.negative)
         guidance = Guidance(cfg=request.cfg, gs=request.gs, rs=request.rs, batch=request.batch_processing)
 
         window = request.latent_window_size
@@ -344,7 +330,8 @@ class Engine:
 
                 def sample(on_step=on_step):
                     return sample_section(b.transformer, noise=noise, steps=request.steps,
-                                          positive={**positive, **section_kwargs},
+                                          positive={**positives[schedule.time_index(k) % len(positives)],
+                                                    **section_kwargs},
                                           negative={**negative, **section_kwargs}, guidance=guidance, dtype=dtype,
                                           device=device, on_step=on_step, cancel=cancel)
 

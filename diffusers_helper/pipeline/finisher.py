@@ -12,10 +12,12 @@ import logging
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Callable
 
 import torch
 
+from ..media.video import write_mp4
 from ..vae.decode import VideoAccumulator
 from .events import SectionFinished
 
@@ -98,3 +100,22 @@ class SectionFinisher:
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
                 self._pool = None
+
+
+class JobFiles:
+    """The files of one job; the video is replaced section by section, never half-written."""
+
+    def __init__(self, outputs: Path, job_id: str):
+        outputs.mkdir(parents=True, exist_ok=True)
+        self.outputs, self.job_id = outputs, job_id
+        self.image = outputs / f"{job_id}.png"
+        self.sidecar = outputs / f"{job_id}.json"
+        self.video: Path | None = None
+
+    def write_video(self, frames, crf: int) -> Path:
+        path = self.outputs / f"{self.job_id}_{frames.shape[0]}.mp4"
+        write_mp4(frames, path, crf=crf)
+        if self.video is not None and self.video != path:
+            self.video.unlink(missing_ok=True)  # the new file holds everything the old one did
+        self.video = path
+        return path

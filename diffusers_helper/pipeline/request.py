@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ..config.job import JobSettings, JobValueError, validate_job
+from .prompts import PromptSyntaxError, parse_timed_prompt
 
 MAX_IMAGE_PIXELS = 64_000_000  # refuse decompression bombs before resizing
 
@@ -78,7 +79,8 @@ class GenerationRequest(JobSettings):
             raise InputError("prompt must be text")
         try:
             validate_job(self)
-        except JobValueError as exc:
+            parse_timed_prompt(self.prompt)
+        except (JobValueError, PromptSyntaxError) as exc:
             raise InputError(str(exc)) from None
         return self
 

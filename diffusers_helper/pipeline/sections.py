@@ -72,6 +72,10 @@ class SectionSchedule:
     def is_last(self, k: int) -> bool:
         return k == self.sections - 1
 
+    def time_index(self, k: int) -> int:
+        """Where the k-th generated section sits in the video (inverted sections are generated last-first)."""
+        return self.sections - 1 - k if self.mode == "inverted" else k
+
     def inputs(self, k: int) -> SectionInputs:
         n1, n2, n4 = HISTORY_SIZES
         w = self.window
