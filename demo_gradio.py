@@ -29,6 +29,7 @@ from gradio.data_classes import FileData
 from gradio.utils import get_upload_folder  # where Gradio stores every uploaded file
 
 from diffusers_helper.app.gpu_stats import gpu_status
+from diffusers_helper.accel.lora import LoraError, available_loras, names_only
 from diffusers_helper.app.access import credentials, exposure_warning, inside
 from diffusers_helper.app.jobs import ALL, ENDED, QUEUED, RUNNING, JobQueue, JobSnapshot, past_jobs
 from diffusers_helper.models.loading import WeightsMissingError
@@ -84,10 +85,23 @@ class App:
         model = self.model_labels.get(model_label)
         if model is None:
             raise InputError(f"unknown model {model_label!r}; choose one of {', '.join(self.model_labels)}")
-        return self.queue.submit(self.request(image, values), model, owner)
+        request = self.request(image, values)
+        try:
+            names_only(request.loras)  # clients choose LoRAs by name from the LoRA folder, never by path
+        except LoraError as exc:
+            raise InputError(str(exc)) from None
+        return self.queue.submit(request, model, owner)
 
 
 # -- rendering (pure functions of snapshots, so they are easy to test) --------------------------------------
+
+
+def add_lora(current: str, name: str | None):
+    """The picked LoRA joins the list at weight 1 (edit the number to change it); the picker clears."""
+    items = [t.strip() for t in (current or "").split(",") if t.strip()]
+    if name and not any(t.rpartition(":")[0] == name or t == name for t in items):
+        items.append(f"{name}:1.0")
+    return ", ".join(items), None
 
 
 def default_values(d: Settings) -> dict:
@@ -105,6 +119,8 @@ def job_widget(f, value, cache: str = ""):
         return gr.Dropdown(choices=[(CACHE_LABELS.get(c, c), c) for c in m["choices"]], info=m["help"], **common)
     if f.type == "bool":
         return gr.Checkbox(info=m["help"], **common)
+    if m["widget"] == "text":
+        return gr.Textbox(info=m["help"], lines=1, **common)
     if m["widget"] == "number":
         return gr.Number(precision=0 if f.type == "int" else None, minimum=m["min"], maximum=m["max"], **common)
     step = m["step"] or (1 if f.type == "int" else 0.01)
@@ -201,7 +217,8 @@ def build_app(app: App) -> gr.Blocks:
                 image = gr.Image(sources=["upload"], type="filepath", label="Image", height=320,
                                  elem_id="input-image")
                 prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt",
-                                    info="Timed prompts change over the video: [0s: a cat sits] [2s: the cat stands up]")
+                                    info="Timed prompts change over the video: "
+                                         "[0s: a cat sits] [2s: the cat stands up]")
                 quick = gr.Dataset(samples=[[p] for p in QUICK_PROMPTS], label="Quick prompts", components=[prompt])
                 quick.click(lambda x: x[0], inputs=[quick], outputs=prompt, show_progress="hidden", queue=False,
                             api_visibility="private")
@@ -221,6 +238,10 @@ def build_app(app: App) -> gr.Blocks:
                                 randomize = gr.Button("Random seed", size="sm")
                         else:
                             controls[f.name] = job_widget(f, getattr(d, f.name), d.cache)
+                        if f.name == "loras":
+                            lora_pick = gr.Dropdown(choices=available_loras(d.lora_dir), value=None,
+                                                    label="Add a LoRA", info="from the LoRA folder (FRAMEPACK_LORA_DIR)",
+                                                    elem_id="lora-pick")
                 with gr.Accordion("Performance Tuning", open=False, elem_id="performance"):
                     for f in job_fields():
                         if f.metadata["section"] == "performance":
@@ -297,6 +318,8 @@ def build_app(app: App) -> gr.Blocks:
                                  api_visibility="private")  # each cache's own knobs, under the choice
         randomize.click(lambda: random.randint(0, MAX_SEED), outputs=controls["seed"], queue=False,
                         api_visibility="private")
+        lora_pick.select(add_lora, inputs=[controls["loras"], lora_pick], outputs=[controls["loras"], lora_pick],
+                         queue=False, api_visibility="private")
         refresh_btn.click(on_refresh, outputs=[gallery, records], api_visibility="private")
         gallery.select(on_select, inputs=records, outputs=chosen, api_visibility="private")
         reuse_btn.click(on_reuse, inputs=chosen, outputs=[*named.values(), model], api_visibility="private")
@@ -305,6 +328,8 @@ def build_app(app: App) -> gr.Blocks:
                    outputs=[result, preview, status, bar, gpu, table, job_choice, start_btn, stop_btn, seen],
                    show_progress="hidden", concurrency_limit=None, api_visibility="private")
         page.load(on_refresh, outputs=[gallery, records], api_visibility="private")
+        page.load(lambda: gr.update(choices=available_loras(d.lora_dir)), outputs=lora_pick,
+                  api_visibility="private")  # files added to the LoRA folder show at the next page load
         _api(app)
     return page
 

@@ -57,6 +57,9 @@ def build_parser(defaults=None) -> argparse.ArgumentParser:
         for flag, value in m["const_flags"].items():
             jobs.add_argument(flag, dest=f.name, action="store_const", const=value, help=f"same as {m['flags'][0]} "
                               f"{value}")
+    jobs.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]",
+                      help="a LoRA file and its weight (1 when left out); repeat for several. --loras takes names "
+                           "in the LoRA folder instead")
     jobs.add_argument("--cache-threshold", type=float, default=None, metavar="X",
                       help="the chosen step cache's threshold (TaylorSeer: its interval)")
     p.add_argument("--output", default=s.output_dir, help="output folder")
@@ -74,12 +77,22 @@ def request_from_args(args) -> GenerationRequest:
 
     if args.model not in MODEL_NAMES:
         raise InputError(f"unknown model {args.model!r}; choose one of {', '.join(MODEL_NAMES)}")
+    from pathlib import Path
+
+    from .accel.lora import LoraError, parse_lora_list
     from .config.job import cache_threshold_field
 
     values = {f.name: getattr(args, f.name) for f in job_fields()}
     target = cache_threshold_field(str(values["cache"]).lower())
     if args.cache_threshold is not None and target is not None:
         values[target] = args.cache_threshold
+    try:
+        for path, weight in parse_lora_list(",".join(args.lora)):
+            if not Path(path).is_file():
+                raise InputError(f"LoRA file not found: {Path(path).name}")
+            values["loras"] = ", ".join(filter(None, [values["loras"], f"{Path(path).resolve()}:{weight:g}"]))
+    except LoraError as exc:
+        raise InputError(str(exc)) from None
     return GenerationRequest(prompt=args.prompt, image=load_image(args.image), negative_prompt=args.negative_prompt,
                              **values).validate()
 

@@ -65,6 +65,8 @@ def test_widgets_take_label_limits_and_step_from_the_schema():
         assert widget.label == m["label"] and widget.visible == shown, f.name
         if m["choices"]:
             assert [v for _, v in widget.choices] == list(m["choices"])
+        elif m["widget"] == "text":
+            assert isinstance(widget, gr.Textbox), f.name
         elif f.type != "bool":
             assert (widget.minimum, widget.maximum) == (m["min"], m["max"]), f.name
     assert demo_gradio.MAX_SEED == 2**32 - 1
@@ -81,6 +83,8 @@ def _page(tmp_path, **defaults):
 def test_the_page_and_its_api_follow_the_schema(tmp_path):
     """The built page (not just the widget helper): one widget per field with the schema's label, limits and
     section, starting at the server's settings; the API's parameters are the field names with those defaults."""
+    import gradio as gr
+
     page = _page(tmp_path, steps=7, cfg=2.0)
     by_label = {}
     for block in page.blocks.values():
@@ -93,6 +97,8 @@ def test_the_page_and_its_api_follow_the_schema(tmp_path):
         assert widget.value == {"steps": 7, "cfg": 2.0}.get(f.name, f.default), f.name
         if m["choices"]:
             assert [v for _, v in widget.choices] == list(m["choices"]), f.name
+        elif m["widget"] == "text":
+            assert isinstance(widget, gr.Textbox), f.name
         elif f.type != "bool":
             assert (widget.minimum, widget.maximum) == (m["min"], m["max"]), f.name
             if m["step"]:

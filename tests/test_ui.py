@@ -25,13 +25,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _tiny_lora(tiny_root, path):
+    """A rank-2 LoRA on one layer of the tiny transformer, in diffusers' format."""
+    import torch
+    from safetensors.torch import save_file
+
+    from diffusers_helper.models.loading import load_models
+    from diffusers_helper.models.tiny import tiny_spec
+
+    layer = load_models(tiny_spec("tiny", tiny_root), parts=["transformer"]).transformer.transformer_blocks[0].attn.to_q
+    g = torch.Generator().manual_seed(0)
+    key = "transformer.transformer_blocks.0.attn.to_q"
+    save_file({f"{key}.lora_A.weight": torch.randn(2, layer.in_features, generator=g),
+               f"{key}.lora_B.weight": torch.randn(layer.out_features, 2, generator=g)}, str(path))
+
+
 @pytest.fixture(scope="module")
 def app_url(tiny_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("ui-outputs")
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("FRAMEPACK_")}
+    loras = tmp_path_factory.mktemp("ui-loras")
+    _tiny_lora(tiny_root, loras / "style.safetensors")
     env.update(FRAMEPACK_CACHE_DIR=str(tiny_root.parent), FRAMEPACK_OUTPUT_DIR=str(out), PYTHONUNBUFFERED="1",
-               GRADIO_ANALYTICS_ENABLED="False")
+               GRADIO_ANALYTICS_ENABLED="False", FRAMEPACK_LORA_DIR=str(loras))
     log = open(out / "app.log", "w")
     proc = subprocess.Popen([sys.executable, "demo_gradio.py", "--tiny", "--port", str(port)], cwd=REPO, env=env,
                             stdout=log, stderr=subprocess.STDOUT)
@@ -294,3 +311,25 @@ def test_bad_timestamp_in_the_browser_is_one_line(page, image_file):
     _start(page, image_file, prompt="[0s: a cat sits] [2x: the cat stands up]", seconds=1, steps=2)
     status = _wait_status(page, "not a time")
     assert "at character 18" in status and "Traceback" not in page.content()
+
+
+def test_lora_from_the_folder_in_the_browser(page, image_file, app_url):
+    """The picker lists the LoRA folder and adds the choice with weight 1; the job records it."""
+    page.locator("#lora-pick input").click()
+    page.get_by_role("option", name="style.safetensors").click()
+    page.wait_for_function("document.querySelector('#loras textarea, #loras input').value === 'style.safetensors:1.0'",
+                           timeout=15_000)
+    page.fill("#loras textarea, #loras input", "style.safetensors:0.6")
+    _start(page, image_file, prompt="a cat with a LoRA", seconds=1, steps=2)
+    _wait_status(page, "Finished")
+    assert _newest_sidecar(app_url[1])["loras"] == [{"file": "style.safetensors", "weight": 0.6}]
+    page.screenshot(path=str(app_url[1] / "lora.png"), full_page=True)
+
+
+def test_api_loras_are_names_not_paths(app_url, image_file):
+    from gradio_client import Client, handle_file
+
+    client = Client(app_url[0], verbose=False)
+    out = client.predict(image=handle_file(str(image_file)), prompt="x", loras="../../etc/passwd:1",
+                         api_name="/generate")
+    assert out["state"] == "rejected" and "not a path" in out["error"]

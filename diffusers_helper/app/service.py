@@ -25,7 +25,7 @@ class EngineProvider:
     def __init__(self, *, models_dir: str | None = None, offline: bool | None = None, device: str | None = None,
                  outputs_dir: str | Path = "outputs", placement: str | None = None, decode_options=None,
                  async_decode: str = "auto", plan: TransformerPlan | None = None, opt_cache: str | None = None,
-                 devices: dict[str, str | None] | None = None):
+                 devices: dict[str, str | None] | None = None, lora_dir: str | Path = "loras"):
         self.models_dir = models_dir
         self.offline = offline
         self.device = pick_device(device)
@@ -36,6 +36,7 @@ class EngineProvider:
         self.async_decode = async_decode
         self.plan = plan or TransformerPlan()
         self.opt_cache = opt_cache  # where FP8 / torchao transformers are cached, or None
+        self.lora_dir = Path(lora_dir)
         self._engine: Engine | None = None
         self._lock = threading.Lock()
 
@@ -74,7 +75,7 @@ class EngineProvider:
             placement = Placement.choose(self.device, self.placement_override, self.devices)
             self._engine = Engine(bundle, placement, outputs_dir=self.outputs_dir,
                                   decode_options=self.decode_options, async_decode=self.async_decode,
-                                  plan=self.plan)
+                                  plan=self.plan, lora_dir=self.lora_dir)
             if cached_path is not None and "transformer" in missing:
                 from ..accel.opt_cache import save_optimized
 

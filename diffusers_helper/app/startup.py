@@ -96,7 +96,7 @@ def engine_provider(settings: Settings, **overrides):
                   device=device_arg(s), outputs_dir=s.output_dir, placement=placement_override(s),
                   decode_options=decode_options(s), async_decode=s.async_decode, plan=transformer_plan(s),
                   opt_cache=s.optimized_transformer if s.enable_opt_cache and not s.fast_start else None,
-                  devices=model_device_settings(s))
+                  devices=model_device_settings(s), lora_dir=s.lora_dir)
     kwargs.update(overrides)
     return EngineProvider(**kwargs)
 

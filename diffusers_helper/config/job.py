@@ -69,6 +69,9 @@ class JobSettings:
                                   "and predict the others (1: compute every step).",
                                   env="FRAMEPACK_TAYLORSEER_INTERVAL", flags=["--taylorseer-interval"], min=1, max=10,
                                   step=1, shown_with="taylorseer")
+    loras: str = _j("", "LoRAs", "Files in the LoRA folder with their weights, e.g. style.safetensors:0.8, "
+                    "detail:0.5 (weight 1 when left out).", env="FRAMEPACK_LORAS", flags=["--loras"], elem_id="loras",
+                    widget="text")
     quality_mode: bool = _j(False, "Quality Mode", "Decode each section in one pass where memory allows: no tile "
                             "seams, more VRAM.", env="FRAMEPACK_QUALITY_MODE", flags=["--quality-mode"],
                             elem_id="quality-mode")

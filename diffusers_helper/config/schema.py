@@ -52,6 +52,8 @@ class Settings(JobSettings):
                         kind="path")
     output_dir: str = _s("outputs", "FRAMEPACK_OUTPUT_DIR", ["--output-dir"], "where videos are written",
                          kind="path")
+    lora_dir: str = _s("loras", "FRAMEPACK_LORA_DIR", ["--lora-dir"], "the LoRA files (.safetensors) jobs can "
+                       "choose by name", kind="path")
     offline: bool = _s(False, "FRAMEPACK_OFFLINE", ["--offline"], "never download (same as HF_HUB_OFFLINE=1)")
     device: str = _s("auto", "FRAMEPACK_DEVICE", ["--device"], "auto, cpu, cuda or cuda:N")
     server: str = _s("127.0.0.1", "FRAMEPACK_SERVER", ["--server"], "address the web app binds to")

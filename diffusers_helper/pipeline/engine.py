@@ -34,6 +34,7 @@ from .sections import SectionSchedule, frame_count, section_count
 from .prepare import TransformerPlan, prepare_transformer
 from .prompts import JobPrompts, encode_job_prompts
 from ..caches.base import CacheContext, CacheSettings
+from ..accel.lora import LoraError, LoraManager, resolve_loras
 from ..vae.plan import DecodeOptions
 from ..media.video import FPS, describe_write_error, write_json, write_png
 
@@ -58,13 +59,15 @@ def versions() -> dict:
 class Engine:
     def __init__(self, bundle, placement: Placement | None = None, outputs_dir: str | Path = "outputs",
                  decode_options: DecodeOptions | None = None, async_decode: str = "auto",
-                 plan: TransformerPlan | None = None):
+                 plan: TransformerPlan | None = None, lora_dir: str | Path = "loras"):
         self.bundle = bundle
         self.spec = bundle.spec
         self.placement = placement or Placement.choose(torch.device("cpu"))
         self.plan = plan or TransformerPlan()
         self.report = prepare_transformer(bundle, self.plan, self.placement)
         self.step_caches = self.report.step_caches
+        self.loras = LoraManager(bundle.transformer, self.placement.compute_device())
+        self.lora_dir = Path(lora_dir)
         self.decoder = SectionDecoder(bundle.vae, decode_options)
         self.base_decode_options = self.decoder.options
         self.model_dtype = bundle.transformer.dtype
@@ -280,6 +283,11 @@ class Engine:
 
     def _run(self, request, files, sections, emit, cancel, t0, record) -> Path:
         b = self.bundle
+        try:  # before any model work: a LoRA that does not fit fails the job in one line
+            log.info("%s", self.loras.apply(resolve_loras(request.loras, self.lora_dir)))
+        except LoraError as exc:
+            raise InputError(str(exc)) from None
+        record["loras"] = [{"file": Path(p).name, "weight": w} for p, w in self.loras.active]
         emit(Stage("Encoding prompt"))
         prompts = self._stepping_down("while encoding the prompt", lambda: self._encode_prompts(request, sections),
                                       record, emit)

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from ..accel.lora import LoraError, parse_lora_list
 from ..config.job import JobSettings, JobValueError, validate_job
 from .prompts import PromptSyntaxError, parse_timed_prompt
 
@@ -80,7 +81,8 @@ class GenerationRequest(JobSettings):
         try:
             validate_job(self)
             parse_timed_prompt(self.prompt)
-        except (JobValueError, PromptSyntaxError) as exc:
+            parse_lora_list(self.loras)
+        except (JobValueError, PromptSyntaxError, LoraError) as exc:
             raise InputError(str(exc)) from None
         return self
 

@@ -1,0 +1,242 @@
+"""LoRAs on the FramePack transformer, switched between jobs without reloading it.
+
+Files in the formats users have:
+- diffusers / PEFT: `transformer.<module>.lora_A.weight` / `lora_B.weight` (prefix optional, `.alpha` optional);
+- kohya / musubi-tuner: `lora_unet_<module with _ for .>.lora_down.weight` / `lora_up.weight` / `alpha`;
+- the original HunyuanVideo layout (`diffusion_model.double_blocks.0.img_attn_qkv...`), which diffusers' own
+  converter turns into the diffusers names.
+
+Mechanism: the LoRA stays unfused. Each targeted linear gets one diffusers hook that adds
+`(x @ A^T) @ B^T` (every active LoRA's A and B concatenated, scale and weight folded into B) to its output. It
+works the same on bf16 and FP8 linears, with every placement (A and B are small and stay on the compute device
+while the streamer moves block weights), and switching a LoRA or its weight only replaces those two tensors, so
+frames without a LoRA are exactly the frames of the bare model. Fusing into the weights would save the two thin
+matmuls but needs a copy of every touched weight to undo exactly, and a new FP8 conversion per switch.
+
+A file whose keys do not all match a linear of this model, or whose shapes differ, is refused with its name and
+a few of the keys: a job never runs with a LoRA half applied.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+
+log = logging.getLogger("framepack.lora")
+
+HOOK = "lora"
+SUFFIXES = (".safetensors",)
+
+
+class LoraError(ValueError):
+    """A LoRA that cannot be used with this model; one line naming the file."""
+
+
+@dataclass(frozen=True)
+class LoraPair:
+    down: torch.Tensor  # A: (rank, in)
+    up: torch.Tensor  # B: (out, rank)
+    scale: float  # alpha / rank, or 1
+
+
+def _linears(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) or type(m).__name__ == "FP8Linear"}
+
+
+def _shape(module) -> tuple[int, int]:
+    return module.out_features, module.in_features
+
+
+def parse_lora(path: Path, state: dict[str, torch.Tensor], linears: dict[str, torch.nn.Module]) -> dict[str, LoraPair]:
+    """{module name: pair} for a LoRA state dict, in diffusers' module names."""
+    name = Path(path).name
+    if any(k.startswith("lora_unet_") for k in state):
+        flat = {n.replace(".", "_"): n for n in linears}
+        groups: dict[str, dict[str, torch.Tensor]] = {}
+        for key, value in state.items():
+            match = re.match(r"lora_unet_(.+?)\.(lora_down\.weight|lora_up\.weight|alpha)$", key)
+            if match is None:
+                raise LoraError(f"{name}: key {key!r} is not a kohya LoRA key")
+            groups.setdefault(match.group(1), {})[match.group(2)] = value
+        unmatched = [f"lora_unet_{k}" for k in groups if k not in flat]
+        if unmatched:
+            raise LoraError(f"{name} does not fit this model: {len(unmatched)} of {len(groups)} modules match no "
+                            f"layer (for example {', '.join(unmatched[:3])})")
+        pairs = {}
+        for key, parts in groups.items():
+            if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
+                raise LoraError(f"{name}: lora_unet_{key} lacks its lora_down or lora_up weight")
+            down, up = parts["lora_down.weight"], parts["lora_up.weight"]
+            alpha = float(parts["alpha"]) if "alpha" in parts else float(down.shape[0])
+            pairs[flat[key]] = LoraPair(down, up, alpha / down.shape[0])
+        return pairs
+    if any("img_attn_qkv" in k or "txt_attn_qkv" in k for k in state):
+        from diffusers.loaders.lora_conversion_utils import _convert_hunyuan_video_lora_to_diffusers
+
+        state = _convert_hunyuan_video_lora_to_diffusers(dict(state))
+    groups = {}
+    for key, value in state.items():
+        match = re.match(r"(?:transformer\.|diffusion_model\.|base_model\.model\.)?(.+?)\.(lora_A|lora_B)"
+                         r"(?:\.default)?\.weight$|(?:transformer\.|diffusion_model\.)?(.+?)\.(alpha)$", key)
+        if match is None:
+            raise LoraError(f"{name}: key {key!r} is not a LoRA key (expected <module>.lora_A.weight / "
+                            "lora_B.weight or kohya's lora_unet_...)")
+        module, part = (match.group(1), match.group(2)) if match.group(1) else (match.group(3), match.group(4))
+        groups.setdefault(module, {})[part] = value
+    unmatched = [k for k in groups if k not in linears]
+    if unmatched:
+        raise LoraError(f"{name} does not fit this model: {len(unmatched)} of {len(groups)} modules match no layer "
+                        f"(for example {', '.join(unmatched[:3])})")
+    pairs = {}
+    for module, parts in groups.items():
+        if "lora_A" not in parts or "lora_B" not in parts:
+            raise LoraError(f"{name}: {module} lacks its lora_A or lora_B weight")
+        down, up = parts["lora_A"], parts["lora_B"]
+        alpha = float(parts["alpha"]) if "alpha" in parts else float(down.shape[0])
+        pairs[module] = LoraPair(down, up, alpha / down.shape[0])
+    return pairs
+
+
+def check_shapes(path: Path, pairs: dict[str, LoraPair], linears: dict[str, torch.nn.Module]) -> None:
+    for module, pair in pairs.items():
+        out_f, in_f = _shape(linears[module])
+        rank = pair.down.shape[0]
+        if pair.down.ndim != 2 or pair.up.ndim != 2 or pair.down.shape[1] != in_f or pair.up.shape != (out_f, rank):
+            raise LoraError(f"{Path(path).name} does not fit this model: {module} is {in_f} -> {out_f}, the LoRA has "
+                            f"{tuple(pair.down.shape)} and {tuple(pair.up.shape)} (made for another model?)")
+
+
+class _LoraHook(ModelHook):
+    """output += (x @ down^T) @ up^T, with every active LoRA of this layer in one pair of matmuls."""
+
+    def __init__(self, down: torch.Tensor, up: torch.Tensor):
+        super().__init__()
+        self.down, self.up = down, up
+
+    def new_forward(self, module, x, *args, **kwargs):
+        out = self.fn_ref.original_forward(x, *args, **kwargs)
+        down = self.down.to(device=x.device, dtype=x.dtype)
+        up = self.up.to(device=x.device, dtype=x.dtype)
+        return out + torch.nn.functional.linear(torch.nn.functional.linear(x, down), up)
+
+
+class LoraManager:
+    """The LoRAs active on one transformer. `apply([(path, weight), ...])` makes exactly those active."""
+
+    def __init__(self, transformer: torch.nn.Module, device: torch.device | None = None):
+        self.transformer = transformer
+        self.device = device
+        self._files: dict[str, tuple[float, dict[str, LoraPair]]] = {}  # path -> (mtime, pairs), parsed once
+        self.active: list[tuple[str, float]] = []
+        self._hooked: set[str] = set()
+
+    def _pairs(self, path: str, linears) -> dict[str, LoraPair]:
+        try:
+            mtime = os.path.getmtime(path)
+        except OSError:
+            raise LoraError(f"LoRA file not found: {Path(path).name}") from None
+        cached = self._files.get(path)
+        if cached is not None and cached[0] == mtime:
+            return cached[1]
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(path)
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise LoraError(f"{Path(path).name} is not a readable .safetensors file ({exc.__class__.__name__})") \
+                from None
+        pairs = parse_lora(Path(path), state, linears)
+        check_shapes(Path(path), pairs, linears)
+        self._files[path] = (mtime, pairs)
+        return pairs
+
+    def apply(self, loras: list[tuple[str, float]]) -> str:
+        """Activate these LoRAs (weight 0 or an empty list: none); returns what the log should say."""
+        loras = [(str(p), float(w)) for p, w in loras if float(w) != 0.0]
+        if loras == self.active:
+            return self.describe()
+        linears = _linears(self.transformer)
+        per_module: dict[str, list[tuple[LoraPair, float]]] = {}
+        for path, weight in loras:  # every file is checked before anything changes
+            for module, pair in self._pairs(path, linears).items():
+                per_module.setdefault(module, []).append((pair, weight))
+        for module in self._hooked - set(per_module):
+            HookRegistry.check_if_exists_or_initialize(linears[module]).remove_hook(HOOK, recurse=False)
+        for module, items in per_module.items():
+            ref = next(linears[module].parameters())
+            device = self.device or ref.device
+            dtype = torch.float32 if ref.dtype not in (torch.float16, torch.bfloat16) else ref.dtype
+            down = torch.cat([p.down.float() for p, _ in items]).to(device=device, dtype=dtype)
+            up = torch.cat([p.up.float() * (p.scale * w) for p, w in items], dim=1).to(device=device, dtype=dtype)
+            registry = HookRegistry.check_if_exists_or_initialize(linears[module])
+            hook = registry.get_hook(HOOK)
+            if hook is None:
+                registry.register_hook(_LoraHook(down, up), HOOK)
+            else:
+                hook.down, hook.up = down, up
+        self._hooked = set(per_module)
+        self.active = loras
+        return self.describe()
+
+    def describe(self) -> str:
+        if not self.active:
+            return "LoRAs: none"
+        return "LoRAs: " + ", ".join(f"{Path(p).stem} x {w:g}" for p, w in self.active) + \
+            f" ({len(self._hooked)} layers, unfused)"
+
+
+def available_loras(folder: str | Path) -> list[str]:
+    """The LoRA files a client may choose: names in the LoRA folder, never paths."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir() if p.is_file() and p.suffix.lower() in SUFFIXES)
+
+
+def parse_lora_list(text: str) -> list[tuple[str, float]]:
+    """'a.safetensors:0.8, b.safetensors' -> [(name, weight), ...]; weight 1 when left out."""
+    out = []
+    for item in [t.strip() for t in re.split(r"[,\n]", text or "") if t.strip()]:
+        name, sep, weight = item.rpartition(":")
+        if not sep or not re.fullmatch(r"-?\d+(\.\d+)?", weight.strip()):
+            name, weight = item, "1"
+        value = float(weight)
+        if not -4.0 <= value <= 4.0:
+            raise LoraError(f"LoRA weight must be between -4 and 4, got {value:g} for {name.strip()}")
+        out.append((name.strip(), value))
+    return out
+
+
+def names_only(text: str) -> None:
+    """For clients of the web app and its API: LoRAs are chosen by name from the LoRA folder, never by path."""
+    for name, _ in parse_lora_list(text):
+        if Path(name).name != name or name.startswith(".") or "\\" in name:
+            raise LoraError(f"LoRA {name!r}: give the file name of a LoRA in the LoRA folder, not a path")
+
+
+def resolve_loras(text: str, folder: str | Path) -> list[tuple[str, float]]:
+    """Names to files in the LoRA folder; an absolute path (the CLI's --lora) is taken as it is. The web app checks
+    `names_only` first, so its clients never name a path."""
+    folder = Path(folder)
+    out = []
+    for name, weight in parse_lora_list(text):
+        if Path(name).is_absolute():
+            out.append((name, weight))
+            continue
+        if Path(name).name != name or name.startswith("."):
+            raise LoraError(f"LoRA {name!r}: give the file name of a LoRA in the LoRA folder")
+        if not name.lower().endswith(SUFFIXES):
+            name += ".safetensors"
+        path = folder / name
+        if not path.is_file():
+            raise LoraError(f"LoRA {name} is not in the LoRA folder ({len(available_loras(folder))} files there)")
+        out.append((str(path), weight))
+    return out
