@@ -29,7 +29,7 @@ from gradio.data_classes import FileData
 from gradio.utils import get_upload_folder  # where Gradio stores every uploaded file
 
 from diffusers_helper.app.gpu_stats import gpu_status
-from diffusers_helper.accel.lora import LoraError, available_loras, names_only
+from diffusers_helper.config.loras import LoraError, available_loras, names_only
 from diffusers_helper.app.access import credentials, exposure_warning, inside
 from diffusers_helper.app.jobs import ALL, ENDED, QUEUED, RUNNING, JobQueue, JobSnapshot, past_jobs
 from diffusers_helper.models.loading import WeightsMissingError

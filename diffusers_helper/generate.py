@@ -79,7 +79,7 @@ def request_from_args(args) -> GenerationRequest:
         raise InputError(f"unknown model {args.model!r}; choose one of {', '.join(MODEL_NAMES)}")
     from pathlib import Path
 
-    from .accel.lora import LoraError, parse_lora_list
+    from .config.loras import LoraError, parse_lora_list
     from .config.job import cache_threshold_field
 
     values = {f.name: getattr(args, f.name) for f in job_fields()}

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from diffusers_helper.accel.lora import LoraError, names_only, parse_lora_list
+from diffusers_helper.config.loras import LoraError, names_only, parse_lora_list
 from diffusers_helper.pipeline.engine import Engine
 from diffusers_helper.pipeline.events import Failed, Finished
 from diffusers_helper.pipeline.request import GenerationRequest

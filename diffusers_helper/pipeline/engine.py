@@ -34,7 +34,8 @@ from .sections import SectionSchedule, frame_count, section_count
 from .prepare import TransformerPlan, prepare_transformer
 from .prompts import JobPrompts, encode_job_prompts
 from ..caches.base import CacheContext, CacheSettings
-from ..accel.lora import LoraError, LoraManager, resolve_loras
+from ..accel.lora import LoraManager
+from ..config.loras import LoraError, resolve_loras
 from ..vae.plan import DecodeOptions
 from ..media.video import FPS, describe_write_error, write_json, write_png
 

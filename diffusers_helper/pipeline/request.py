@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ..accel.lora import LoraError, parse_lora_list
+from ..config.loras import LoraError, parse_lora_list
 from ..config.job import JobSettings, JobValueError, validate_job
 from .prompts import PromptSyntaxError, parse_timed_prompt
 
