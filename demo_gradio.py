@@ -28,6 +28,7 @@ import gradio as gr
 from gradio.data_classes import FileData
 from gradio.utils import get_upload_folder  # where Gradio stores every uploaded file
 
+from diffusers_helper.app.forms import add_lora, keyframes_from, progress_html, queue_rows, status_text
 from diffusers_helper.app.gpu_stats import gpu_status
 from diffusers_helper.config.loras import LoraError, available_loras, names_only
 from diffusers_helper.app.access import credentials, exposure_warning, inside
@@ -66,12 +67,12 @@ class App:
     def label_of(self, model: str) -> str:
         return next((label for label, name in self.model_labels.items() if name == model), model)
 
-    def request(self, image, values: dict) -> GenerationRequest:
+    def request(self, image, values: dict, end_image=None, keyframes=()) -> GenerationRequest:
         """Values by field name; a missing control takes the server's default. Types and ranges are checked by
         `GenerationRequest.validate`, from the job schema."""
         d = default_values(self.defaults)
-        return GenerationRequest(image=image, **{name: d[name] if values.get(name) is None else values[name]
-                                                 for name in d})
+        return GenerationRequest(image=image, end_image=end_image, keyframes=list(keyframes),
+                                 **{name: d[name] if values.get(name) is None else values[name] for name in d})
 
     def viewer(self, request) -> object:
         """Whose jobs this request may see: every job without sign-in or for an admin, else its user's."""
@@ -80,12 +81,13 @@ class App:
         user = getattr(request, "username", None)
         return ALL if user in self.admins else user
 
-    def submit(self, image, model_label: str, values: dict, owner: str | None = None) -> str:
+    def submit(self, image, model_label: str, values: dict, owner: str | None = None, end_image=None,
+               keyframes=()) -> str:
         """Enqueue; returns the job id or raises InputError with a one-line message."""
         model = self.model_labels.get(model_label)
         if model is None:
             raise InputError(f"unknown model {model_label!r}; choose one of {', '.join(self.model_labels)}")
-        request = self.request(image, values)
+        request = self.request(image, values, end_image, keyframes)
         try:
             names_only(request.loras)  # clients choose LoRAs by name from the LoRA folder, never by path
         except LoraError as exc:
@@ -94,14 +96,6 @@ class App:
 
 
 # -- rendering (pure functions of snapshots, so they are easy to test) --------------------------------------
-
-
-def add_lora(current: str, name: str | None):
-    """The picked LoRA joins the list at weight 1 (edit the number to change it); the picker clears."""
-    items = [t.strip() for t in (current or "").split(",") if t.strip()]
-    if name and not any(t.rpartition(":")[0] == name or t == name for t in items):
-        items.append(f"{name}:1.0")
-    return ", ".join(items), None
 
 
 def default_values(d: Settings) -> dict:
@@ -141,29 +135,6 @@ def with_signature(fn, params: list[inspect.Parameter], returns=dict):
                              "return": returns}
     named.__name__, named.__doc__ = fn.__name__, fn.__doc__
     return named
-
-
-def progress_html(fraction: float, text: str) -> str:
-    pct = max(0.0, min(1.0, fraction)) * 100
-    return (f'<div class="fp-progress"><div class="fp-label">{text}</div>'
-            f'<div class="fp-track"><div class="fp-bar" style="width:{pct:.1f}%"></div></div></div>')
-
-
-def status_text(snap: JobSnapshot | None) -> str:
-    if snap is None:
-        return "Upload an image, write a prompt and press Start."
-    if snap.state == RUNNING and snap.steps:
-        eta = f", about {snap.eta_s:.0f} s left" if snap.eta_s is not None else ""
-        return (f"**{snap.stage}**, step {snap.step}/{snap.steps} ({snap.fraction * 100:.0f}%{eta}) "
-                f"- job `{snap.job_id}`")
-    if snap.state == "failed":
-        return f"**Failed:** {snap.error}"
-    return f"**{snap.stage}** - job `{snap.job_id}`"
-
-
-def queue_rows(jobs: list[JobSnapshot]) -> list[list]:
-    return [[j.job_id, j.state, j.model, (j.prompt[:40] + "...") if len(j.prompt) > 40 else j.prompt,
-             f"{j.fraction * 100:.0f}%"] for j in reversed(jobs)]
 
 
 def render(app: App, seen: dict, viewer=ALL):
@@ -242,6 +213,18 @@ def build_app(app: App) -> gr.Blocks:
                             lora_pick = gr.Dropdown(choices=available_loras(d.lora_dir), value=None,
                                                     label="Add a LoRA", info="from the LoRA folder (FRAMEPACK_LORA_DIR)",
                                                     elem_id="lora-pick")
+                with gr.Accordion("End frame and keyframes (FramePack model only)", open=False, elem_id="targets"):
+                    targets = {
+                        "end_image": gr.Image(sources=["upload"], type="filepath", label="End image", height=200,
+                                              elem_id="end-image"),
+                        "keyframe_files": gr.File(file_count="multiple", file_types=["image"], type="filepath",
+                                                  label="Keyframe images", elem_id="keyframe-files"),
+                        "keyframe_times": gr.Textbox(value="", label="Keyframe times (seconds)",
+                                                     info="one per keyframe image, in the same order: 1.2, 3.6",
+                                                     elem_id="keyframe-times"),
+                    }
+                    gr.Markdown("The F1 model generates forward from the start image and uses neither. A keyframe is "
+                                "reached at the end of the section nearest its time (1.2 s sections by default).")
                 with gr.Accordion("Performance Tuning", open=False, elem_id="performance"):
                     for f in job_fields():
                         if f.metadata["section"] == "performance":
@@ -269,10 +252,12 @@ def build_app(app: App) -> gr.Blocks:
 
         named = {"prompt": prompt, "negative_prompt": negative, **controls}  # API parameters: the field names
 
-        def on_start(image, model, request: gr.Request, **values):
+        def on_start(image, model, request: gr.Request, end_image=None, keyframe_files=None, keyframe_times="",
+                     **values):
             """Queue a job with every control; returns at once with the job id (or why it cannot start)."""
             try:
-                job_id = app.submit(image, model, values, _owner(app, request))
+                keyframes = keyframes_from(keyframe_times, keyframe_files)
+                job_id = app.submit(image, model, values, _owner(app, request), end_image, keyframes)
             except InputError as exc:
                 gr.Warning(str(exc))
                 return f"**Cannot start:** {exc}"
@@ -306,7 +291,8 @@ def build_app(app: App) -> gr.Blocks:
             s = record.get("settings", {})
             return [*(s.get(name, gr.update()) for name in named), app.label_of(record.get("model", ""))]
 
-        start_btn.click(on_start, inputs=[image, model], inputs_kwargs=named, outputs=status, api_name="submit",
+        start_btn.click(on_start, inputs=[image, model], inputs_kwargs={**named, **targets}, outputs=status,
+                        api_name="submit",
                         show_progress="hidden")
         stop_btn.click(on_stop, outputs=status, api_name="stop", show_progress="hidden")
         cancel_btn.click(on_cancel, inputs=job_choice, outputs=status, api_name="cancel_job", show_progress="hidden")
@@ -337,12 +323,16 @@ def build_app(app: App) -> gr.Blocks:
 def _api(app: App) -> None:
     """Named endpoints for gradio_client (see README): generate waits, the others return at once."""
 
-    def generate(image, prompt, model, request, **values) -> dict:
+    def generate(image, prompt, model, request, end_image=None, keyframe_images=None, keyframe_times="",
+                 **values) -> dict:
         """Queue a job from an image file and wait for it; returns its final state and video path. Every job
-        control can be given by name (see the schema); the rest take the server's defaults."""
+        control can be given by name (see the schema); the rest take the server's defaults. `end_image` and
+        `keyframe_images` (with `keyframe_times`, '1.2, 3.6') steer the FramePack model toward those images."""
         label = app.label_of(model) if model else next(iter(app.model_labels))
         try:
-            job_id = app.submit(_file_path(image), label, {"prompt": prompt, **values}, _owner(app, request))
+            keyframes = keyframes_from(keyframe_times, [_file_path(f) for f in keyframe_images or []])
+            job_id = app.submit(_file_path(image), label, {"prompt": prompt, **values}, _owner(app, request),
+                                _file_path(end_image), keyframes)
         except InputError as exc:
             return {"state": "rejected", "error": str(exc)}
         return _snapshot_dict(app.queue.wait(job_id))
@@ -356,6 +346,10 @@ def _api(app: App) -> None:
     tail = [P("request", P.POSITIONAL_OR_KEYWORD, default=None, annotation=gr.Request)]  # Gradio fills it in
     params += [P(f.name, P.POSITIONAL_OR_KEYWORD, default=getattr(d, f.name), annotation=python_type(f))
                for f in job_fields()]
+    params += [P("end_image", P.POSITIONAL_OR_KEYWORD, default=None, annotation=FileData | None),  # after the fields,
+               P("keyframe_images", P.POSITIONAL_OR_KEYWORD, default=None,  # so positional callers keep working
+                 annotation=list[FileData] | None),
+               P("keyframe_times", P.POSITIONAL_OR_KEYWORD, default="", annotation=str)]
     generate = with_signature(generate, params + tail)
 
     def job_status(job_id: str, request: gr.Request) -> dict:

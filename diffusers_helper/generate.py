@@ -38,6 +38,10 @@ def build_parser(defaults=None) -> argparse.ArgumentParser:
     p.add_argument("--image", required=True, help="input image file")
     p.add_argument("--prompt", required=True, help="what should happen in the video")
     p.add_argument("--negative-prompt", default="", help="used only when --cfg > 1")
+    p.add_argument("--end-image", default=None, metavar="PATH", help="the last frame to steer toward (FramePack "
+                   "model; strength: --end-strength)")
+    p.add_argument("--keyframe", action="append", default=[], metavar="SECONDS:PATH",
+                   help="an image the video reaches at that time (FramePack model); repeat for several")
     p.add_argument("--model", default=s.model, help=f"one of {', '.join(models)}")
     jobs = p.add_argument_group("job controls")
     for f in job_fields():
@@ -93,7 +97,17 @@ def request_from_args(args) -> GenerationRequest:
             values["loras"] = ", ".join(filter(None, [values["loras"], f"{Path(path).resolve()}:{weight:g}"]))
     except LoraError as exc:
         raise InputError(str(exc)) from None
+    keyframes = []
+    for item in args.keyframe:
+        seconds, sep, path = item.partition(":")
+        try:
+            seconds = float(seconds)
+        except ValueError:
+            raise InputError(f"--keyframe takes SECONDS:PATH, got {item!r}") from None
+        keyframes.append((seconds, load_image(path)))
+    end = load_image(args.end_image) if args.end_image else None
     return GenerationRequest(prompt=args.prompt, image=load_image(args.image), negative_prompt=args.negative_prompt,
+                             end_image=end, keyframes=keyframes,
                              **values).validate()
 
 

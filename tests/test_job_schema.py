@@ -106,10 +106,11 @@ def test_the_page_and_its_api_follow_the_schema(tmp_path):
     assert [w.visible for w in by_label["Negative prompt"]] == [True]  # CFG 2 > 1
     api = page.get_api_info()["named_endpoints"]
     names = [f.name for f in job_fields()]
-    for endpoint, first in (("/submit", ["image", "model", "prompt", "negative_prompt"]),
-                            ("/generate", ["image", "prompt", "model", "negative_prompt"])):
+    for endpoint, first, images in (
+            ("/submit", ["image", "model", "prompt", "negative_prompt"], ["end_image", "keyframe_files"]),
+            ("/generate", ["image", "prompt", "model", "negative_prompt"], ["end_image", "keyframe_images"])):
         params = api[endpoint]["parameters"]
-        assert [p["parameter_name"] for p in params] == first + names, endpoint
+        assert [p["parameter_name"] for p in params] == first + names + images + ["keyframe_times"], endpoint
         defaults = {p["parameter_name"]: p["parameter_default"] for p in params}
         assert (defaults["steps"], defaults["cfg"], defaults["seed"]) == (7, 2.0, 31337), endpoint
 

@@ -241,9 +241,11 @@ def test_api_parameters_are_named_after_the_job_fields(app_url, image_file):
     client = Client(url, verbose=False)
     api = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
     fields = [f.name for f in job_fields()]
+    targets = ["end_image", "keyframe_files", "keyframe_times"]  # images, not schema fields: after them
     assert [p["parameter_name"] for p in api["/submit"]["parameters"]] == ["image", "model", "prompt",
-                                                                          "negative_prompt", *fields]
-    assert [p["parameter_name"] for p in api["/generate"]["parameters"]][4:] == fields
+                                                                          "negative_prompt", *fields, *targets]
+    assert [p["parameter_name"] for p in api["/generate"]["parameters"]][4:] == [*fields, "end_image",
+                                                                                 "keyframe_images", "keyframe_times"]
     queued = client.predict(handle_file(str(image_file)), "Tiny (inverted, offline)", prompt="named", seconds=1.0,
                             steps=2, mp4_crf=30, api_name="/submit")
     job_id = queued.split("`")[1]
@@ -279,7 +281,7 @@ def test_the_api_opens_only_uploaded_files_and_checks_job_ids(app_url, image_fil
     from diffusers_helper.config import job_fields
 
     url, _ = app_url
-    values = [{"seconds": 1.0, "steps": 1}.get(f.name, f.default) for f in job_fields()]
+    values = [{"seconds": 1.0, "steps": 1}.get(f.name, f.default) for f in job_fields()] + [None, None, ""]
     (result,) = _raw_call(url, "generate", [str(image_file), "x", "", "", *values])  # a plain server path
     assert result["state"] == "rejected" and "must be an uploaded file" in result["error"], result
     assert str(image_file.parent) not in result["error"]
@@ -308,6 +310,7 @@ def test_timed_prompt_in_the_browser(page, image_file, app_url):
 
 
 def test_bad_timestamp_in_the_browser_is_one_line(page, image_file):
+    time.sleep(2)  # the page's first poll has shown the last job's state: it cannot overwrite the message below
     _start(page, image_file, prompt="[0s: a cat sits] [2x: the cat stands up]", seconds=1, steps=2)
     status = _wait_status(page, "not a time")
     assert "at character 18" in status and "Traceback" not in page.content()
@@ -333,3 +336,30 @@ def test_api_loras_are_names_not_paths(app_url, image_file):
     out = client.predict(image=handle_file(str(image_file)), prompt="x", loras="../../etc/passwd:1",
                          api_name="/generate")
     assert out["state"] == "rejected" and "not a path" in out["error"]
+
+
+def test_end_image_and_keyframe_in_the_browser(page, image_file, app_url):
+    page.click("#targets")  # open the accordion
+    page.set_input_files("#end-image input[type=file]", str(image_file))
+    page.set_input_files("#keyframe-files input[type=file]", [str(image_file)])
+    page.fill("#keyframe-times textarea, #keyframe-times input", "1.2")
+    page.wait_for_selector("#end-image img", timeout=15_000)
+    _start(page, image_file, prompt="a cat aims", seconds=2.4, steps=2)
+    _wait_status(page, "Finished")
+    record = _newest_sidecar(app_url[1])
+    assert record["section_targets"] == {"1": "keyframe at 1.2s, ending at 1.2s", "2": "end image, ending at 2.4s"}
+    page.locator("#targets").screenshot(path=str(app_url[1] / "keyframes.png"))
+
+
+def test_api_end_image_and_keyframes(app_url, image_file):
+    from gradio_client import Client, handle_file
+
+    client = Client(app_url[0], verbose=False)
+    done = client.predict(image=handle_file(str(image_file)), prompt="x", seconds=2.4, steps=2,
+                          end_image=handle_file(str(image_file)), keyframe_images=[handle_file(str(image_file))],
+                          keyframe_times="1.2", api_name="/generate")
+    assert done["state"] == "finished", done
+    assert len(json.loads(Path(done["sidecar"]).read_text())["section_targets"]) == 2
+    wrong = client.predict(image=handle_file(str(image_file)), prompt="x",
+                           keyframe_images=[handle_file(str(image_file))], api_name="/generate")
+    assert wrong["state"] == "rejected" and "one time per keyframe image" in wrong["error"]

@@ -170,7 +170,8 @@ class LoraManager:
         for module, items in per_module.items():
             ref = next(linears[module].parameters())
             device = self.device or ref.device
-            dtype = torch.float32 if ref.dtype not in (torch.float16, torch.bfloat16) else ref.dtype
+            # the layer's compute dtype: FP8 linears take bf16 activations, so their LoRA is bf16 too
+            dtype = ref.dtype if ref.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.bfloat16
             down = torch.cat([p.down.float() for p, _ in items]).to(device=device, dtype=dtype)
             up = torch.cat([p.up.float() * (p.scale * w) for p, w in items], dim=1).to(device=device, dtype=dtype)
             registry = HookRegistry.check_if_exists_or_initialize(linears[module])

@@ -94,8 +94,9 @@ class JobQueue:
         self._worker.start()
 
     def _restore(self, job) -> None:
-        known = {f.name for f in fields(GenerationRequest)} - {"image"}
-        request = GenerationRequest(image=job.image, **{k: v for k, v in job.settings.items() if k in known})
+        known = {f.name for f in fields(GenerationRequest)} - {"image", "end_image", "keyframes"}
+        request = GenerationRequest(image=job.image, end_image=job.end_image, keyframes=job.keyframes or [],
+                                    **{k: v for k, v in job.settings.items() if k in known})
         try:
             request.validate()
         except InputError as exc:
@@ -116,7 +117,8 @@ class JobQueue:
             return
         open_jobs = [self._jobs[j] for j in self._order if self._jobs[j].snapshot.state not in ENDED]
         self.journal.write([{"job_id": j.snapshot.job_id, "model": j.snapshot.model, "state": j.snapshot.state,
-                             "settings": j.request.to_record()} for j in open_jobs])
+                             "settings": j.request.to_record(), "targets": j.request.targets_record()}
+                            for j in open_jobs])
 
     # -- public -----------------------------------------------------------------------------------------
 
@@ -129,7 +131,7 @@ class JobQueue:
                 raise InputError(f"the queue is full ({self.max_queued} jobs waiting); wait or cancel some")
             job_id = new_job_id()
             if self.journal is not None:
-                self.journal.save_image(job_id, request.image)
+                self.journal.save_image(job_id, request.image, request.end_image, request.keyframes)
             self._add(JobSnapshot(job_id=job_id, model=model, prompt=request.prompt, submitted=time.time(),
                                   owner=owner), request)
             self._cond.notify_all()

@@ -31,8 +31,10 @@ IMAGES = ".queue"
 class Restored:
     job_id: str
     model: str
-    settings: dict  # GenerationRequest fields but the image
+    settings: dict  # GenerationRequest fields but the images
     image: np.ndarray
+    end_image: np.ndarray | None = None
+    keyframes: list | None = None  # [(seconds, image)]
 
 
 class Journal:
@@ -40,9 +42,15 @@ class Journal:
         self.folder = Path(outputs_dir)
         self.path = self.folder / FILE
 
-    def save_image(self, job_id: str, image: np.ndarray) -> None:
+    def save_image(self, job_id: str, image: np.ndarray, end_image=None, keyframes=()) -> None:
+        """The job's images: the input, and its end image and keyframes when it has them (their times are in the
+        job's settings, `keyframe_seconds`)."""
         self._image(job_id).parent.mkdir(parents=True, exist_ok=True)
         write_png(image, self._image(job_id))
+        if end_image is not None:
+            write_png(end_image, self._image(job_id, "end"))
+        for n, (_, frame) in enumerate(keyframes, 1):
+            write_png(frame, self._image(job_id, f"keyframe{n}"))
 
     def write(self, jobs: list[dict]) -> None:
         """`jobs`: the open jobs, oldest first, as {job_id, model, state, settings}."""
@@ -53,10 +61,11 @@ class Journal:
             log.error("Could not save the queue to %s: %s", self.path.name, exc.strerror or exc)
 
     def forget(self, job_id: str) -> None:
-        self._image(job_id).unlink(missing_ok=True)
+        for path in [self._image(job_id), *(self.folder / IMAGES).glob(f"{job_id}_*.png")]:
+            path.unlink(missing_ok=True)
 
-    def _image(self, job_id: str) -> Path:
-        return self.folder / IMAGES / f"{job_id}.png"
+    def _image(self, job_id: str, part: str = "") -> Path:
+        return self.folder / IMAGES / (f"{job_id}_{part}.png" if part else f"{job_id}.png")
 
     def recover(self) -> list[Restored]:
         """Settle what a previous run left: interrupted jobs, queued jobs to run again, partial files."""
@@ -79,20 +88,26 @@ class Journal:
                 self._interrupted(job_id)
                 self.forget(job_id)
             elif job.get("state") == "queued":
+                settings = dict(job.get("settings") or {})
+                targets = job.get("targets") if isinstance(job.get("targets"), dict) else {}
                 image = self._load_image(job_id)
-                if image is not None:
-                    restored.append(Restored(job_id, str(job.get("model", "")), dict(job.get("settings") or {}),
-                                             image))
+                end = self._load_image(job_id, "end") if targets.get("end_image_given") else None
+                times = list(targets.get("keyframe_seconds") or [])
+                frames = [self._load_image(job_id, f"keyframe{n}") for n in range(1, len(times) + 1)]
+                if image is not None and (end is not None or not targets.get("end_image_given")) and \
+                        all(f is not None for f in frames):
+                    restored.append(Restored(job_id, str(job.get("model", "")), settings, image, end,
+                                             list(zip(times, frames))))
         self._sidecars_left_running()
         if restored:
             log.info("Restored %d queued job(s) from the last run", len(restored))
         return restored
 
-    def _load_image(self, job_id: str) -> np.ndarray | None:
+    def _load_image(self, job_id: str, part: str = "") -> np.ndarray | None:
         from PIL import Image
 
         try:
-            with Image.open(self._image(job_id)) as im:
+            with Image.open(self._image(job_id, part)) as im:
                 return np.array(im.convert("RGB"))
         except OSError:
             log.warning("The input image of queued job %s is missing; the job is dropped", job_id)

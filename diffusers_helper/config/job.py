@@ -72,6 +72,10 @@ class JobSettings:
     loras: str = _j("", "LoRAs", "Files in the LoRA folder with their weights, e.g. style.safetensors:0.8, "
                     "detail:0.5 (weight 1 when left out).", env="FRAMEPACK_LORAS", flags=["--loras"], elem_id="loras",
                     widget="text")
+    end_strength: float = _j(1.0, "End frame / keyframe strength", "How strongly an end image or keyframe pulls the "
+                             "section that ends at it (FramePack model only; 0: not at all).",
+                             env="FRAMEPACK_END_STRENGTH", flags=["--end-strength"], min=0.0, max=1.0, step=0.05,
+                             elem_id="end-strength", what="end strength")
     quality_mode: bool = _j(False, "Quality Mode", "Decode each section in one pass where memory allows: no tile "
                             "seams, more VRAM.", env="FRAMEPACK_QUALITY_MODE", flags=["--quality-mode"],
                             elem_id="quality-mode")

@@ -141,3 +141,43 @@ def resize_and_center_crop(image: np.ndarray, target_width: int, target_height: 
     resized = pil.resize((rw, rh), Image.LANCZOS)
     left, top = (rw - target_width) / 2, (rh - target_height) / 2
     return np.array(resized.crop((left, top, left + target_width, top + target_height)))
+
+
+@dataclass
+class JobImages:
+    """The start image fitted to its bucket, its latent and SigLIP embedding, and the end image's and keyframes'
+    latents (fitted to the same bucket), with the fitted images for the job's files."""
+
+    image: np.ndarray
+    start_latent: torch.Tensor
+    embeds: torch.Tensor
+    end_latent: torch.Tensor | None = None
+    end_image: np.ndarray | None = None
+    keyframes: list = None  # [(seconds, latent, fitted image)]
+
+
+def encode_job_images(bundle, use, request, resolution: int) -> JobImages:
+    """`use(*names)` puts those models on the compute device. With an end image, the SigLIP embedding mixes the
+    start's and the end's (half each at strength 1), as the first-last-frame forks do."""
+    h, w = request.image.shape[:2]
+    height, width = find_nearest_bucket(h, w, resolution)
+
+    def fit(img):
+        return resize_and_center_crop(img, target_width=width, target_height=height)
+
+    image = fit(request.image)
+    use("vae")
+    latents = [vae_encode(image_to_tensor(fit(img)), bundle.vae).float().cpu()
+               for img in [request.image] + ([request.end_image] if request.end_image is not None else [])
+               + [img for _, img in request.keyframes]]
+    use("image_encoder")
+    embeds = siglip_embed(image, bundle.feature_extractor, bundle.image_encoder)
+    out = JobImages(image, latents[0], embeds, keyframes=[])
+    rest = latents[1:]
+    if request.end_image is not None:
+        out.end_image, out.end_latent, rest = fit(request.end_image), rest[0], rest[1:]
+        end_embeds = siglip_embed(out.end_image, bundle.feature_extractor, bundle.image_encoder)
+        mix = request.end_strength / 2
+        out.embeds = (embeds.float() * (1 - mix) + end_embeds.float() * mix).to(embeds.dtype)
+    out.keyframes = [(t, z, fit(img)) for (t, img), z in zip(request.keyframes, rest)]
+    return out

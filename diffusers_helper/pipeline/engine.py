@@ -21,8 +21,7 @@ from typing import Callable, Iterator
 import torch
 
 from .. import __version__
-from .conditioning import (encode_prompt, find_nearest_bucket, image_to_tensor, resize_and_center_crop,
-                           siglip_embed, vae_encode)
+from .conditioning import JobImages, encode_job_images, encode_prompt
 from ..vae.decode import SectionDecoder, VideoAccumulator
 from .finisher import JobFiles, SectionFinisher
 from .events import TERMINAL, Cancelled, Event, Failed, Finished, Stage, StepProgress, one_line
@@ -198,18 +197,15 @@ class Engine:
         return encode_job_prompts(request.prompt, request.negative_prompt, request.cfg, sections,
                                   request.latent_window_size * 4 / FPS, request.prompt_blend_sections, encode)
 
-    def _encode_image(self, request: GenerationRequest, files: JobFiles):
-        b = self.bundle
-        resolution = request.resolution or self.spec.default_resolution
-        h, w = request.image.shape[:2]
-        height, width = find_nearest_bucket(h, w, resolution)
-        image = resize_and_center_crop(request.image, target_width=width, target_height=height)
-        write_png(image, files.image)
-        self.placement.use(b, "vae")
-        start_latent = vae_encode(image_to_tensor(image), b.vae).float().cpu()
-        self.placement.use(b, "image_encoder")
-        embeds = siglip_embed(image, b.feature_extractor, b.image_encoder)
-        return image, start_latent, embeds
+    def _encode_image(self, request: GenerationRequest, files: JobFiles) -> JobImages:
+        images = encode_job_images(self.bundle, lambda *names: self.placement.use(self.bundle, *names), request,
+                                   request.resolution or self.spec.default_resolution)
+        write_png(images.image, files.image)
+        if images.end_image is not None:
+            write_png(images.end_image, files.image.with_name(f"{files.job_id}_end.png"))
+        for n, (_, _, fitted) in enumerate(images.keyframes, 1):
+            write_png(fitted, files.image.with_name(f"{files.job_id}_keyframe{n}.png"))
+        return images
 
     # -- the job --------------------------------------------------------------------------------------
 
@@ -247,7 +243,7 @@ class Engine:
                 files = JobFiles(self.outputs_dir, job_id or new_job_id())
                 sections = section_count(request.seconds, request.latent_window_size)
                 record = {"job_id": files.job_id, "model": self.spec.name, "mode": self.spec.mode,
-                          "settings": request.to_record(), "sections": sections,
+                          "settings": request.to_record(), **request.targets_record(), "sections": sections,
                           "expected_frames": frame_count(sections, request.latent_window_size), "fps": 30,
                           "input_image": str(files.image), "versions": versions(), "status": "running",
                           "transformer": self.report.to_record(), "owner": owner,
@@ -296,9 +292,10 @@ class Engine:
             record["prompt_schedule"] = prompts.schedule
         cancel.raise_if_cancelled()
         emit(Stage("Encoding image"))
-        image, start_latent, image_embeds = self._stepping_down(
-            "while encoding the image", lambda: self._encode_image(request, files), record, emit)
+        images = self._stepping_down("while encoding the image", lambda: self._encode_image(request, files), record,
+                                     emit)
         cancel.raise_if_cancelled()
+        image, start_latent, image_embeds = images.image, images.start_latent, images.embeds
         height, width = image.shape[:2]
         record["bucket"] = [height, width]
 
@@ -315,6 +312,14 @@ class Engine:
 
         window = request.latent_window_size
         schedule = SectionSchedule(self.spec.mode, start_latent, sections, window)
+        try:
+            ends = schedule.set_targets(images.end_latent, [(t, z) for t, z, _ in images.keyframes], window * 4 / FPS,
+                                        request.end_strength)
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
+        if ends:
+            record["section_targets"] = ends
+            log.info("Aiming sections at images: %s", "; ".join(f"section {k}: {v}" for k, v in ends.items()))
         video = VideoAccumulator(self.spec.mode, schedule.overlap_frames)
         generator = torch.Generator("cpu").manual_seed(request.seed)
         cache = self.step_caches

@@ -72,10 +72,23 @@ class GenerationRequest(JobSettings):
     prompt: str = ""
     image: np.ndarray | None = field(default=None, repr=False)
     negative_prompt: str = ""
+    end_image: np.ndarray | None = field(default=None, repr=False)  # the last frame to steer toward
+    keyframes: list = field(default_factory=list, repr=False)  # [(seconds, image), ...]
 
     def validate(self) -> "GenerationRequest":
         """Check everything before any model work: one line that names the control, never a traceback."""
         self.image = as_rgb(self.image)
+        if self.end_image is not None:
+            self.end_image = as_rgb(self.end_image)
+        keyframes = []
+        for item in self.keyframes or []:
+            try:
+                seconds, image = item
+                seconds = float(seconds)
+            except (TypeError, ValueError):
+                raise InputError("each keyframe is a time in seconds and an image") from None
+            keyframes.append((seconds, as_rgb(image)))
+        self.keyframes = sorted(keyframes, key=lambda k: k[0])
         if not isinstance(self.prompt, str) or not isinstance(self.negative_prompt, str):
             raise InputError("prompt must be text")
         try:
@@ -88,6 +101,8 @@ class GenerationRequest(JobSettings):
 
     def to_record(self) -> dict:
         """Every setting, for the sidecar JSON (the image itself is saved as PNG)."""
-        record = asdict(self)
-        record.pop("image")
-        return record
+        return {k: v for k, v in asdict(self).items() if k not in ("image", "end_image", "keyframes")}
+
+    def targets_record(self) -> dict:
+        """Which images beyond the start one the job has (the images themselves are saved as PNG)."""
+        return {"end_image_given": self.end_image is not None, "keyframe_seconds": [t for t, _ in self.keyframes]}

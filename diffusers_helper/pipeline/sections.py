@@ -59,6 +59,7 @@ class SectionSchedule:
         self.start_latent = start_latent.float().cpu()
         self.sections = sections
         self.window = window
+        self.targets: dict = {}  # time index -> (latent, strength, what): see set_targets
         b, c, _, h, w = start_latent.shape
         zeros = torch.zeros((b, c, sum(HISTORY_SIZES), h, w), dtype=torch.float32)
         if mode == "inverted":
@@ -72,6 +73,29 @@ class SectionSchedule:
     def is_last(self, k: int) -> bool:
         return k == self.sections - 1
 
+    def set_targets(self, end_latent: torch.Tensor | None, keyframes: list, section_s: float, strength: float) -> dict:
+        """Steer sections toward images: the end image ends the last section, a keyframe at t seconds ends the
+        section whose end is nearest t. A target is mixed into that section's first clean "after" frame with
+        `strength` (the first-last-frame forks' recipe: the end latent replaces the empty history there).
+        Returns {section number in time order: what ends it}, for the sidecar."""
+        targets: dict[int, tuple[torch.Tensor, float, str]] = {}
+        if (end_latent is not None or keyframes) and self.mode != "inverted":
+            raise ValueError("the F1 model generates forward and cannot aim at an end image or keyframes; choose "
+                             "the FramePack model, or remove them")
+        if end_latent is not None:
+            targets[self.sections - 1] = (end_latent.float().cpu(), strength, "end image")
+        for seconds, latent in keyframes:
+            if not 0 < seconds <= self.sections * section_s:
+                raise ValueError(f"a keyframe at {seconds:g}s is outside the video "
+                                 f"(0 to {self.sections * section_s:g}s)")
+            i = min(self.sections - 1, max(0, round(seconds / section_s) - 1))
+            if i in targets:
+                raise ValueError(f"the keyframe at {seconds:g}s ends the same section as the {targets[i][2]}; "
+                                 f"keyframes need at least {section_s:g}s between them")
+            targets[i] = (latent.float().cpu(), strength, f"keyframe at {seconds:g}s")
+        self.targets = targets
+        return {i + 1: f"{name}, ending at {(i + 1) * section_s:g}s" for i, (_, _, name) in sorted(targets.items())}
+
     def time_index(self, k: int) -> int:
         """Where the k-th generated section sits in the video (inverted sections are generated last-first)."""
         return self.sections - 1 - k if self.mode == "inverted" else k
@@ -84,6 +108,10 @@ class SectionSchedule:
             idx = torch.arange(1 + pad + w + n1 + n2 + n4)
             pre, _blank, latent, post, i2x, i4x = idx.split([1, pad, w, n1, n2, n4])
             post_lat, lat_2x, lat_4x = self.history[:, :, : n1 + n2 + n4].split([n1, n2, n4], dim=2)
+            target = self.targets.get(self.time_index(k))
+            if target is not None:
+                aim, strength, _ = target
+                post_lat = post_lat * (1 - strength) + aim * strength
             clean = torch.cat([self.start_latent, post_lat], dim=2)
             clean_idx = torch.cat([pre, post])
         else:
