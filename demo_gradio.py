@@ -67,11 +67,14 @@ class App:
     def label_of(self, model: str) -> str:
         return next((label for label, name in self.model_labels.items() if name == model), model)
 
-    def request(self, image, values: dict, end_image=None, keyframes=()) -> GenerationRequest:
+    def request(self, image, values: dict, end_image=None, keyframes=(), extend_video=None) -> GenerationRequest:
         """Values by field name; a missing control takes the server's default. Types and ranges are checked by
         `GenerationRequest.validate`, from the job schema."""
         d = default_values(self.defaults)
+        if image is not None and extend_video is not None:
+            raise InputError("give an image or a video to extend, not both")
         return GenerationRequest(image=image, end_image=end_image, keyframes=list(keyframes),
+                                 extend_video=extend_video,
                                  **{name: d[name] if values.get(name) is None else values[name] for name in d})
 
     def viewer(self, request) -> object:
@@ -82,12 +85,12 @@ class App:
         return ALL if user in self.admins else user
 
     def submit(self, image, model_label: str, values: dict, owner: str | None = None, end_image=None,
-               keyframes=()) -> str:
+               keyframes=(), extend_video=None) -> str:
         """Enqueue; returns the job id or raises InputError with a one-line message."""
         model = self.model_labels.get(model_label)
         if model is None:
             raise InputError(f"unknown model {model_label!r}; choose one of {', '.join(self.model_labels)}")
-        request = self.request(image, values, end_image, keyframes)
+        request = self.request(image, values, end_image, keyframes, extend_video)
         try:
             names_only(request.loras)  # clients choose LoRAs by name from the LoRA folder, never by path
         except LoraError as exc:
@@ -211,7 +214,8 @@ def build_app(app: App) -> gr.Blocks:
                             controls[f.name] = job_widget(f, getattr(d, f.name), d.cache)
                         if f.name == "loras":
                             lora_pick = gr.Dropdown(choices=available_loras(d.lora_dir), value=None,
-                                                    label="Add a LoRA", info="from the LoRA folder (FRAMEPACK_LORA_DIR)",
+                                                    label="Add a LoRA",
+                                                    info="from the LoRA folder (FRAMEPACK_LORA_DIR)",
                                                     elem_id="lora-pick")
                 with gr.Accordion("End frame and keyframes (FramePack model only)", open=False, elem_id="targets"):
                     targets = {
@@ -225,6 +229,9 @@ def build_app(app: App) -> gr.Blocks:
                     }
                     gr.Markdown("The F1 model generates forward from the start image and uses neither. A keyframe is "
                                 "reached at the end of the section nearest its time (1.2 s sections by default).")
+                with gr.Accordion("Extend a video (F1 model)", open=False, elem_id="extend") as extend_panel:
+                    targets["extend_video"] = gr.Video(sources=["upload"], label="Video to continue (instead of an "
+                                                       "image)", elem_id="extend-video")
                 with gr.Accordion("Performance Tuning", open=False, elem_id="performance"):
                     for f in job_fields():
                         if f.metadata["section"] == "performance":
@@ -249,15 +256,16 @@ def build_app(app: App) -> gr.Blocks:
                     with gr.Row():
                         refresh_btn = gr.Button("Refresh", elem_id="refresh-gallery")
                         reuse_btn = gr.Button("Reuse these settings", elem_id="reuse")
+                        extend_btn = gr.Button("Extend this video (F1)", elem_id="extend-past")
 
         named = {"prompt": prompt, "negative_prompt": negative, **controls}  # API parameters: the field names
 
         def on_start(image, model, request: gr.Request, end_image=None, keyframe_files=None, keyframe_times="",
-                     **values):
+                     extend_video=None, **values):
             """Queue a job with every control; returns at once with the job id (or why it cannot start)."""
             try:
                 keyframes = keyframes_from(keyframe_times, keyframe_files)
-                job_id = app.submit(image, model, values, _owner(app, request), end_image, keyframes)
+                job_id = app.submit(image, model, values, _owner(app, request), end_image, keyframes, extend_video)
             except InputError as exc:
                 gr.Warning(str(exc))
                 return f"**Cannot start:** {exc}"
@@ -291,9 +299,18 @@ def build_app(app: App) -> gr.Blocks:
             s = record.get("settings", {})
             return [*(s.get(name, gr.update()) for name in named), app.label_of(record.get("model", ""))]
 
+        def on_extend(record):
+            """The selected past video becomes the video to continue, with the F1 model and no start image."""
+            if not record or not record.get("video"):
+                gr.Warning("Select a past video first.")
+                return gr.update(), gr.update(), gr.update(), gr.update()
+            f1 = next((label for label, name in app.model_labels.items() if "f1" in name), gr.update())
+            return record["video"], f1, None, gr.update(open=True)
+
         start_btn.click(on_start, inputs=[image, model], inputs_kwargs={**named, **targets}, outputs=status,
-                        api_name="submit",
-                        show_progress="hidden")
+                        api_name="submit", show_progress="hidden")
+        extend_btn.click(on_extend, inputs=chosen, outputs=[targets["extend_video"], model, image, extend_panel],
+                         api_visibility="private")
         stop_btn.click(on_stop, outputs=status, api_name="stop", show_progress="hidden")
         cancel_btn.click(on_cancel, inputs=job_choice, outputs=status, api_name="cancel_job", show_progress="hidden")
         controls["cfg"].change(lambda v: gr.update(visible=v > 1.0), inputs=controls["cfg"], outputs=negative,
@@ -324,7 +341,7 @@ def _api(app: App) -> None:
     """Named endpoints for gradio_client (see README): generate waits, the others return at once."""
 
     def generate(image, prompt, model, request, end_image=None, keyframe_images=None, keyframe_times="",
-                 **values) -> dict:
+                 extend_video=None, **values) -> dict:
         """Queue a job from an image file and wait for it; returns its final state and video path. Every job
         control can be given by name (see the schema); the rest take the server's defaults. `end_image` and
         `keyframe_images` (with `keyframe_times`, '1.2, 3.6') steer the FramePack model toward those images."""
@@ -332,15 +349,15 @@ def _api(app: App) -> None:
         try:
             keyframes = keyframes_from(keyframe_times, [_file_path(f) for f in keyframe_images or []])
             job_id = app.submit(_file_path(image), label, {"prompt": prompt, **values}, _owner(app, request),
-                                _file_path(end_image), keyframes)
+                                _file_path(end_image), keyframes, _file_path(extend_video))
         except InputError as exc:
             return {"state": "rejected", "error": str(exc)}
         return _snapshot_dict(app.queue.wait(job_id))
 
     P = inspect.Parameter
     d = app.defaults
-    params = [P("image", P.POSITIONAL_OR_KEYWORD, annotation=FileData),
-              P("prompt", P.POSITIONAL_OR_KEYWORD, annotation=str),
+    params = [P("image", P.POSITIONAL_OR_KEYWORD, default=None, annotation=FileData | None),
+              P("prompt", P.POSITIONAL_OR_KEYWORD, default="", annotation=str),
               P("model", P.POSITIONAL_OR_KEYWORD, default="", annotation=str),
               P("negative_prompt", P.POSITIONAL_OR_KEYWORD, default="", annotation=str)]
     tail = [P("request", P.POSITIONAL_OR_KEYWORD, default=None, annotation=gr.Request)]  # Gradio fills it in
@@ -349,7 +366,8 @@ def _api(app: App) -> None:
     params += [P("end_image", P.POSITIONAL_OR_KEYWORD, default=None, annotation=FileData | None),  # after the fields,
                P("keyframe_images", P.POSITIONAL_OR_KEYWORD, default=None,  # so positional callers keep working
                  annotation=list[FileData] | None),
-               P("keyframe_times", P.POSITIONAL_OR_KEYWORD, default="", annotation=str)]
+               P("keyframe_times", P.POSITIONAL_OR_KEYWORD, default="", annotation=str),
+               P("extend_video", P.POSITIONAL_OR_KEYWORD, default=None, annotation=FileData | None)]
     generate = with_signature(generate, params + tail)
 
     def job_status(job_id: str, request: gr.Request) -> dict:

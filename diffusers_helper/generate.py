@@ -35,7 +35,9 @@ def build_parser(defaults=None) -> argparse.ArgumentParser:
     s = defaults or Settings()
     models = next(f.metadata["choices"] for f in fields(Settings) if f.name == "model")  # no torch for --help
     p = _Parser(prog="python -m diffusers_helper.generate", description="FramePack image-to-video, headless.")
-    p.add_argument("--image", required=True, help="input image file")
+    p.add_argument("--image", default=None, help="input image file")
+    p.add_argument("--extend", default=None, metavar="VIDEO", help="a video to continue instead of an image (F1 "
+                   "model); the output holds the video and the new frames")
     p.add_argument("--prompt", required=True, help="what should happen in the video")
     p.add_argument("--negative-prompt", default="", help="used only when --cfg > 1")
     p.add_argument("--end-image", default=None, metavar="PATH", help="the last frame to steer toward (FramePack "
@@ -106,8 +108,11 @@ def request_from_args(args) -> GenerationRequest:
             raise InputError(f"--keyframe takes SECONDS:PATH, got {item!r}") from None
         keyframes.append((seconds, load_image(path)))
     end = load_image(args.end_image) if args.end_image else None
-    return GenerationRequest(prompt=args.prompt, image=load_image(args.image), negative_prompt=args.negative_prompt,
-                             end_image=end, keyframes=keyframes,
+    if (args.image is None) == (args.extend is None):
+        raise InputError("give either --image or --extend VIDEO")
+    image = load_image(args.image) if args.image else None
+    return GenerationRequest(prompt=args.prompt, image=image, negative_prompt=args.negative_prompt,
+                             end_image=end, keyframes=keyframes, extend_video=args.extend,
                              **values).validate()
 
 

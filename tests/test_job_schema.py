@@ -110,7 +110,8 @@ def test_the_page_and_its_api_follow_the_schema(tmp_path):
             ("/submit", ["image", "model", "prompt", "negative_prompt"], ["end_image", "keyframe_files"]),
             ("/generate", ["image", "prompt", "model", "negative_prompt"], ["end_image", "keyframe_images"])):
         params = api[endpoint]["parameters"]
-        assert [p["parameter_name"] for p in params] == first + names + images + ["keyframe_times"], endpoint
+        assert [p["parameter_name"] for p in params] == first + names + images + ["keyframe_times", "extend_video"], \
+            endpoint
         defaults = {p["parameter_name"]: p["parameter_default"] for p in params}
         assert (defaults["steps"], defaults["cfg"], defaults["seed"]) == (7, 2.0, 31337), endpoint
 

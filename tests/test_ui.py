@@ -10,6 +10,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import REPO
@@ -241,11 +242,11 @@ def test_api_parameters_are_named_after_the_job_fields(app_url, image_file):
     client = Client(url, verbose=False)
     api = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
     fields = [f.name for f in job_fields()]
-    targets = ["end_image", "keyframe_files", "keyframe_times"]  # images, not schema fields: after them
+    targets = ["end_image", "keyframe_files", "keyframe_times", "extend_video"]  # files, not schema fields: after
     assert [p["parameter_name"] for p in api["/submit"]["parameters"]] == ["image", "model", "prompt",
                                                                           "negative_prompt", *fields, *targets]
-    assert [p["parameter_name"] for p in api["/generate"]["parameters"]][4:] == [*fields, "end_image",
-                                                                                 "keyframe_images", "keyframe_times"]
+    assert [p["parameter_name"] for p in api["/generate"]["parameters"]][4:] == [
+        *fields, "end_image", "keyframe_images", "keyframe_times", "extend_video"]
     queued = client.predict(handle_file(str(image_file)), "Tiny (inverted, offline)", prompt="named", seconds=1.0,
                             steps=2, mp4_crf=30, api_name="/submit")
     job_id = queued.split("`")[1]
@@ -281,7 +282,7 @@ def test_the_api_opens_only_uploaded_files_and_checks_job_ids(app_url, image_fil
     from diffusers_helper.config import job_fields
 
     url, _ = app_url
-    values = [{"seconds": 1.0, "steps": 1}.get(f.name, f.default) for f in job_fields()] + [None, None, ""]
+    values = [{"seconds": 1.0, "steps": 1}.get(f.name, f.default) for f in job_fields()] + [None, None, "", None]
     (result,) = _raw_call(url, "generate", [str(image_file), "x", "", "", *values])  # a plain server path
     assert result["state"] == "rejected" and "must be an uploaded file" in result["error"], result
     assert str(image_file.parent) not in result["error"]
@@ -363,3 +364,51 @@ def test_api_end_image_and_keyframes(app_url, image_file):
     wrong = client.predict(image=handle_file(str(image_file)), prompt="x",
                            keyframe_images=[handle_file(str(image_file))], api_name="/generate")
     assert wrong["state"] == "rejected" and "one time per keyframe image" in wrong["error"]
+
+
+def test_extend_a_video_in_the_browser(page, app_url, tmp_path):
+    from diffusers_helper.media.video import write_mp4
+
+    frames = np.stack([np.full((64, 64, 3), 40 + 4 * t, dtype=np.uint8) for t in range(45)])
+    video = write_mp4(frames, tmp_path / "mine.mp4", crf=0)
+    page.click("#model label:has-text('F1')")
+    page.click("#extend")
+    page.set_input_files("#extend-video input[type=file]", str(video))
+    page.wait_for_selector("#extend-video video", timeout=15_000)
+    page.locator("#extend").screenshot(path=str(app_url[1] / "extend.png"))
+    page.fill("#prompt textarea", "and then")
+    _set_slider(page, "seconds", 1.2)
+    _set_slider(page, "steps", 2)
+    page.click("#start")
+    _wait_status(page, "Finished: 81 frames")  # 45 of the video, 36 new
+    record = _newest_sidecar(app_url[1])
+    assert record["source_video"] == "mine.mp4" and record["model"] == "tiny-f1"
+
+
+def test_api_extend_video(app_url, tmp_path):
+    from gradio_client import Client, handle_file
+
+    from diffusers_helper.media.video import write_mp4
+
+    frames = np.stack([np.full((64, 64, 3), 90, dtype=np.uint8)] * 45)
+    video = write_mp4(frames, tmp_path / "api.mp4", crf=0)
+    client = Client(app_url[0], verbose=False)
+    done = client.predict(prompt="more", model="Tiny F1 (offline)", extend_video=handle_file(str(video)), seconds=1.2,
+                          steps=2, api_name="/generate")
+    assert done["state"] == "finished" and done["frames"] == 81, done
+
+
+def test_extend_a_past_video_from_the_gallery(page, image_file):
+    _start(page, image_file, prompt="to be continued", seconds=1.2, steps=2)
+    _wait_status(page, "Finished")
+    page.click("#past")
+    page.click("#refresh-gallery")
+    page.locator("#gallery .thumbnail-item").first.click(timeout=15_000)
+    page.wait_for_function("document.querySelector('#chosen-settings').innerText.includes('to be continued')",
+                           timeout=15_000)
+    page.click("#extend-past")
+    page.wait_for_selector("#extend-video video", timeout=15_000)
+    page.fill("#prompt textarea", "continued")
+    page.click("#start")
+    status = _wait_status(page, "Finished: 73 frames")  # 37 frames of the past video, 36 new
+    assert "Traceback" not in page.content() and status

@@ -94,8 +94,11 @@ class JobQueue:
         self._worker.start()
 
     def _restore(self, job) -> None:
-        known = {f.name for f in fields(GenerationRequest)} - {"image", "end_image", "keyframes"}
-        request = GenerationRequest(image=job.image, end_image=job.end_image, keyframes=job.keyframes or [],
+        known = {f.name for f in fields(GenerationRequest)} - {"image", "end_image", "keyframes", "extend_video",
+                                                               "source_frames", "source_fps", "source_name"}
+        request = GenerationRequest(image=None if job.extend_video else job.image, end_image=job.end_image,
+                                    keyframes=job.keyframes or [], extend_video=job.extend_video,
+                                    source_name=job.source_name or "",
                                     **{k: v for k, v in job.settings.items() if k in known})
         try:
             request.validate()
@@ -131,7 +134,11 @@ class JobQueue:
                 raise InputError(f"the queue is full ({self.max_queued} jobs waiting); wait or cancel some")
             job_id = new_job_id()
             if self.journal is not None:
-                self.journal.save_image(job_id, request.image, request.end_image, request.keyframes)
+                copy = self.journal.save_image(job_id, request.image, request.end_image, request.keyframes,
+                                               request.extend_video)
+                if copy:  # the journal's copy: it outlives the upload
+                    request.source_name = request.source_name or Path(request.extend_video).name
+                    request.extend_video = copy
             self._add(JobSnapshot(job_id=job_id, model=model, prompt=request.prompt, submitted=time.time(),
                                   owner=owner), request)
             self._cond.notify_all()

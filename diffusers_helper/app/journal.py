@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,8 @@ class Restored:
     image: np.ndarray
     end_image: np.ndarray | None = None
     keyframes: list | None = None  # [(seconds, image)]
+    extend_video: str | None = None
+    source_name: str | None = None
 
 
 class Journal:
@@ -42,15 +45,21 @@ class Journal:
         self.folder = Path(outputs_dir)
         self.path = self.folder / FILE
 
-    def save_image(self, job_id: str, image: np.ndarray, end_image=None, keyframes=()) -> None:
+    def save_image(self, job_id: str, image: np.ndarray, end_image=None, keyframes=(), video=None) -> str | None:
         """The job's images: the input, and its end image and keyframes when it has them (their times are in the
-        job's settings, `keyframe_seconds`)."""
+        job's targets, `keyframe_seconds`); a video to extend is copied beside them (the upload may be gone after a
+        restart). Returns the copy's path."""
         self._image(job_id).parent.mkdir(parents=True, exist_ok=True)
+        copy = None
+        if video is not None:
+            copy = self.folder / IMAGES / f"{job_id}_source{Path(video).suffix.lower() or '.mp4'}"
+            shutil.copyfile(video, copy)
         write_png(image, self._image(job_id))
         if end_image is not None:
             write_png(end_image, self._image(job_id, "end"))
         for n, (_, frame) in enumerate(keyframes, 1):
             write_png(frame, self._image(job_id, f"keyframe{n}"))
+        return str(copy) if copy else None
 
     def write(self, jobs: list[dict]) -> None:
         """`jobs`: the open jobs, oldest first, as {job_id, model, state, settings}."""
@@ -61,7 +70,7 @@ class Journal:
             log.error("Could not save the queue to %s: %s", self.path.name, exc.strerror or exc)
 
     def forget(self, job_id: str) -> None:
-        for path in [self._image(job_id), *(self.folder / IMAGES).glob(f"{job_id}_*.png")]:
+        for path in [self._image(job_id), *(self.folder / IMAGES).glob(f"{job_id}_*.*")]:
             path.unlink(missing_ok=True)
 
     def _image(self, job_id: str, part: str = "") -> Path:
@@ -96,8 +105,10 @@ class Journal:
                 frames = [self._load_image(job_id, f"keyframe{n}") for n in range(1, len(times) + 1)]
                 if image is not None and (end is not None or not targets.get("end_image_given")) and \
                         all(f is not None for f in frames):
+                    source = next((self.folder / IMAGES).glob(f"{job_id}_source.*"), None)
                     restored.append(Restored(job_id, str(job.get("model", "")), settings, image, end,
-                                             list(zip(times, frames))))
+                                             list(zip(times, frames)), str(source) if source else None,
+                                             targets.get("source_video")))
         self._sidecars_left_running()
         if restored:
             log.info("Restored %d queued job(s) from the last run", len(restored))

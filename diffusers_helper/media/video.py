@@ -74,6 +74,32 @@ def read_video_info(path: Path) -> tuple[int, float, tuple[int, int]]:
         return count, float(stream.average_rate), (stream.height, stream.width)
 
 
+MAX_SOURCE_FRAMES = 3600  # two minutes at 30 fps: a video to extend is held in memory as uint8
+
+
+def read_video(path: Path, max_frames: int = MAX_SOURCE_FRAMES) -> tuple[np.ndarray, float]:
+    """(frames (T, H, W, 3) uint8, frames per second) of a video file; ValueError with one line for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"video file not found: {path.name}")
+    frames = []
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise ValueError(f"{path.name} has no video stream")
+            stream = container.streams.video[0]
+            fps = float(stream.average_rate or FPS)
+            for frame in container.decode(stream):
+                frames.append(frame.to_ndarray(format="rgb24"))
+                if len(frames) > max_frames:
+                    raise ValueError(f"{path.name} is too long to extend (more than {max_frames} frames)")
+    except (av.error.FFmpegError, OSError) as exc:
+        raise ValueError(f"not a readable video: {path.name} ({exc.__class__.__name__})") from None
+    if not frames:
+        raise ValueError(f"{path.name} has no frames")
+    return np.stack(frames), fps
+
+
 WRITE_ERRORS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
                 errno.EACCES: "permission denied", errno.EPERM: "permission denied",
                 errno.EROFS: "the file system is read-only"}

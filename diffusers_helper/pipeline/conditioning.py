@@ -154,6 +154,8 @@ class JobImages:
     end_latent: torch.Tensor | None = None
     end_image: np.ndarray | None = None
     keyframes: list = None  # [(seconds, latent, fitted image)]
+    source_latents: torch.Tensor | None = None  # a video being extended: its last frames, encoded
+    source_frames: np.ndarray | None = None  # ... and all its frames, fitted to the bucket (uint8)
 
 
 def encode_job_images(bundle, use, request, resolution: int) -> JobImages:
@@ -180,4 +182,17 @@ def encode_job_images(bundle, use, request, resolution: int) -> JobImages:
         mix = request.end_strength / 2
         out.embeds = (embeds.float() * (1 - mix) + end_embeds.float() * mix).to(embeds.dtype)
     out.keyframes = [(t, z, fit(img)) for (t, img), z in zip(request.keyframes, rest)]
+    if request.source_frames is not None:
+        out.source_frames = np.stack([fit(f) for f in request.source_frames])
+        use("vae")
+        out.start_latent = vae_encode(image_to_tensor(out.source_frames[0]), bundle.vae).float().cpu()
+        out.source_latents = encode_video_tail(out.source_frames, bundle.vae)
     return out
+
+
+def encode_video_tail(frames: np.ndarray, vae, latents: int = 19) -> torch.Tensor:
+    """The last 4n+1 frames (n < `latents`, FramePack's history length) encoded as one clip: the causal VAE maps
+    them to n+1 latent frames ending with the video's last frame."""
+    n = min((len(frames) - 1) // 4, latents - 1)
+    clip = torch.from_numpy(np.ascontiguousarray(frames[len(frames) - (4 * n + 1):])).float() / 127.5 - 1
+    return vae_encode(clip.permute(3, 0, 1, 2)[None], vae).float().cpu()

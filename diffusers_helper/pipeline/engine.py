@@ -295,8 +295,7 @@ class Engine:
         images = self._stepping_down("while encoding the image", lambda: self._encode_image(request, files), record,
                                      emit)
         cancel.raise_if_cancelled()
-        image, start_latent, image_embeds = images.image, images.start_latent, images.embeds
-        height, width = image.shape[:2]
+        start_latent, image_embeds, (height, width) = images.start_latent, images.embeds, images.image.shape[:2]
         record["bucket"] = [height, width]
 
         device, dtype = self.device, self.dtype
@@ -315,12 +314,13 @@ class Engine:
         try:
             ends = schedule.set_targets(images.end_latent, [(t, z) for t, z, _ in images.keyframes], window * 4 / FPS,
                                         request.end_strength)
+            schedule.continue_from(images.source_latents)  # a video to extend: its last frames are the history
         except ValueError as exc:
             raise InputError(str(exc)) from None
         if ends:
             record["section_targets"] = ends
             log.info("Aiming sections at images: %s", "; ".join(f"section {k}: {v}" for k, v in ends.items()))
-        video = VideoAccumulator(self.spec.mode, schedule.overlap_frames)
+        video = VideoAccumulator(self.spec.mode, schedule.overlap_frames, images.source_frames)
         generator = torch.Generator("cpu").manual_seed(request.seed)
         cache = self.step_caches
         log.info("%s", cache.select(CacheSettings.of(request), self._cache_context(request)))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -74,9 +74,22 @@ class GenerationRequest(JobSettings):
     negative_prompt: str = ""
     end_image: np.ndarray | None = field(default=None, repr=False)  # the last frame to steer toward
     keyframes: list = field(default_factory=list, repr=False)  # [(seconds, image), ...]
+    extend_video: str | None = None  # a video file to continue (F1); its last frame is the image
+    source_frames: np.ndarray | None = field(default=None, repr=False)  # read from extend_video by validate
+    source_fps: float = 30.0
+    source_name: str = ""  # the video's own file name, for the sidecar (the queue may run it from a copy)
 
     def validate(self) -> "GenerationRequest":
         """Check everything before any model work: one line that names the control, never a traceback."""
+        if self.extend_video is not None and self.source_frames is None:
+            from ..media.video import read_video  # PyAV and torch: only for a job that extends a video
+
+            try:
+                self.source_frames, self.source_fps = read_video(self.extend_video)
+            except ValueError as exc:
+                raise InputError(str(exc)) from None
+        if self.source_frames is not None and self.image is None:
+            self.image = self.source_frames[-1]
         self.image = as_rgb(self.image)
         if self.end_image is not None:
             self.end_image = as_rgb(self.end_image)
@@ -101,8 +114,13 @@ class GenerationRequest(JobSettings):
 
     def to_record(self) -> dict:
         """Every setting, for the sidecar JSON (the image itself is saved as PNG)."""
-        return {k: v for k, v in asdict(self).items() if k not in ("image", "end_image", "keyframes")}
+        skip = ("image", "end_image", "keyframes", "extend_video", "source_frames", "source_fps", "source_name")
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
 
     def targets_record(self) -> dict:
         """Which images beyond the start one the job has (the images themselves are saved as PNG)."""
-        return {"end_image_given": self.end_image is not None, "keyframe_seconds": [t for t, _ in self.keyframes]}
+        out = {"end_image_given": self.end_image is not None, "keyframe_seconds": [t for t, _ in self.keyframes]}
+        if self.extend_video is not None:
+            out.update(source_video=self.source_name or Path(self.extend_video).name,
+                       source_frames=len(self.source_frames), source_fps=round(self.source_fps, 3))
+        return out

@@ -60,6 +60,7 @@ class SectionSchedule:
         self.sections = sections
         self.window = window
         self.targets: dict = {}  # time index -> (latent, strength, what): see set_targets
+        self.extending = False
         b, c, _, h, w = start_latent.shape
         zeros = torch.zeros((b, c, sum(HISTORY_SIZES), h, w), dtype=torch.float32)
         if mode == "inverted":
@@ -95,6 +96,20 @@ class SectionSchedule:
             targets[i] = (latent.float().cpu(), strength, f"keyframe at {seconds:g}s")
         self.targets = targets
         return {i + 1: f"{name}, ending at {(i + 1) * section_s:g}s" for i, (_, _, name) in sorted(targets.items())}
+
+    def continue_from(self, latents: torch.Tensor | None) -> None:
+        """Extend a video (F1): its last latent frames become the history, so section 0 continues from them and is
+        decoded with them like any later section (blended into the video's last frames)."""
+        if latents is None:
+            return
+        if self.mode != "f1":
+            raise ValueError("extending a video continues it forward: choose the F1 model")
+        if latents.shape[2] < self.window + 1:
+            raise ValueError(f"the video is too short to extend: at least {4 * self.window + 1} frames are needed")
+        zeros = torch.zeros_like(self.history[:, :, : sum(HISTORY_SIZES)])
+        self.history = torch.cat([zeros, latents.float().cpu()], dim=2)
+        self.generated_frames = latents.shape[2]
+        self.extending = True
 
     def time_index(self, k: int) -> int:
         """Where the k-th generated section sits in the video (inverted sections are generated last-first)."""
@@ -144,7 +159,7 @@ class SectionSchedule:
         """Latents to decode after section k: everything so far after the first section, then only
         the newest part the video needs (the rest is cross-faded from what was decoded before)."""
         lat = self.video_latents
-        if k == 0:
+        if k == 0 and not self.extending:
             return lat
         if self.mode == "inverted":
             n = self.window * 2 + (1 if self.is_last(k) else 0)

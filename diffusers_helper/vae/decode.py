@@ -113,11 +113,17 @@ class VideoAccumulator:
     float, so a 2-minute video costs uint8 memory, and the output equals blending everything in float.
     """
 
-    def __init__(self, mode: str, overlap: int):
+    def __init__(self, mode: str, overlap: int, start: np.ndarray | None = None):
+        """`start`: frames (T, H, W, 3) uint8 the video begins with (a video being extended, F1)."""
         self.mode = mode
         self.overlap = overlap
         self._edge: torch.Tensor | None = None  # (1, 3, overlap, H, W) float, [-1, 1]
         self._settled: list[np.ndarray] = []  # uint8 (T, H, W, 3) chunks, in time order
+        if start is not None:
+            ov = min(overlap, len(start))
+            self._settled = [start[: len(start) - ov]]
+            edge = torch.from_numpy(np.ascontiguousarray(start[len(start) - ov:])).float() / 127.5 - 1
+            self._edge = edge.permute(3, 0, 1, 2)[None]
 
     def add(self, pixels: torch.Tensor) -> None:
         pixels = pixels.float()
