@@ -84,7 +84,7 @@ def main() -> int:
         t0 = time.perf_counter()
         manager.apply([(str(first), 1.0)])
         result["first_load_s"] = round(time.perf_counter() - t0, 3)
-        result["layers"] = len(manager._hooked)
+        result["layers"] = len(manager._wrapped)
         result["forward_s_one_lora"] = round(timed(run, device, args.repeats), 4)
         t0 = time.perf_counter()
         manager.apply([(str(first), 0.5)])

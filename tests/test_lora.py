@@ -109,7 +109,7 @@ def test_weights_formats_and_switching(lora_env, test_image):
 @pytest.mark.parametrize("weights, compiled, streamed", [("fp8", True, False), ("bf16", False, True)])
 def test_loras_with_fp8_compile_and_streamed_blocks(tiny_root, tmp_path, test_image, lora_env, weights, compiled,
                                                     streamed):
-    """The unfused hooks sit on FP8 linears, inside compiled blocks and on streamed blocks alike: weight 0 is the
+    """The unfused LoRA layers wrap FP8 linears, sit inside compiled blocks and on streamed blocks: weight 0 is the
     bare model exactly, a LoRA changes the frames, and a streamed model gives the resident model's frames."""
     from diffusers_helper.accel.attention import AttentionConfig
     from diffusers_helper.accel.compile import CompileConfig
@@ -177,3 +177,41 @@ def test_cli_lora_flag(tmp_path, image_file, tiny_root, lora_env, monkeypatch):
     assert record["loras"] == [{"file": "style.safetensors", "weight": 0.7}]
     assert main(["--image", str(image_file), "--prompt", "x", "--model", "tiny",
                  "--lora", str(tmp_path / "nope.safetensors"), "--output", str(out)]) == 2
+
+
+def test_switching_loras_under_compile_builds_no_graph_per_block(tiny_root, tmp_path, test_image):
+    """Every wrapped layer is one class with A and B as buffers: adding a LoRA compiles one graph per block kind
+    (shared by every block), and a weight change, an unload or a reload compiles nothing new. A per-layer hook
+    used to be a guard per layer, so each block recompiled until dynamo's limit sent it back to eager."""
+    from torch._dynamo.utils import counters
+
+    from diffusers_helper.accel.attention import AttentionConfig
+    from diffusers_helper.accel.compile import CompileConfig
+    from diffusers_helper.config.formats import WeightFormat
+    from diffusers_helper.memory.placement import Placement
+    from diffusers_helper.models.loading import load_models
+    from diffusers_helper.models.tiny import build_tiny_transformer, tiny_spec
+    from diffusers_helper.pipeline.prepare import TransformerPlan
+
+    bundle = load_models(tiny_spec("tiny", tiny_root))
+    bundle.transformer = build_tiny_transformer(7, num_layers=3, num_single_layers=5).eval().requires_grad_(False)
+    state, g = {}, torch.Generator().manual_seed(0)
+    for name, m in bundle.transformer.named_modules():
+        if name.endswith(("attn.to_q", "attn.to_v")) and "refiner" not in name:
+            state[f"transformer.{name}.lora_A.weight"] = torch.randn(4, m.in_features, generator=g) * 0.1
+            state[f"transformer.{name}.lora_B.weight"] = torch.randn(m.out_features, 4, generator=g) * 0.1
+    save_file(state, str(tmp_path / "all.safetensors"))
+    plan = TransformerPlan(weights=WeightFormat("bf16"), compile=CompileConfig(enabled=True, cache_dir=str(tmp_path)),
+                           attention=AttentionConfig(backend="math"))
+    engine = Engine(bundle, Placement(torch.device("cpu"), "full"), outputs_dir=tmp_path, plan=plan,
+                    lora_dir=tmp_path)
+
+    def graphs(loras: str) -> int:
+        before = counters["stats"]["unique_graphs"]
+        _latents(engine, test_image, loras)
+        return counters["stats"]["unique_graphs"] - before
+
+    graphs("")
+    graphs("")  # strides settle after the first job
+    assert graphs("all:1") <= 2  # the dual and the single block kind, not one per block (8 blocks)
+    assert [graphs(x) for x in ("all:1", "all:0.5", "", "all:1")] == [0, 0, 0, 0]

@@ -6,7 +6,7 @@ Files in the formats users have:
 - the original HunyuanVideo layout (`diffusion_model.double_blocks.0.img_attn_qkv...`), which diffusers' own
   converter turns into the diffusers names.
 
-Mechanism: the LoRA stays unfused. Each targeted linear gets one diffusers hook that adds
+Mechanism: the LoRA stays unfused. Each targeted linear is wrapped in a `LoraLinear` that adds
 `(x @ A^T) @ B^T` (every active LoRA's A and B concatenated, scale and weight folded into B) to its output. It
 works the same on bf16 and FP8 linears, with every placement (A and B are small and stay on the compute device
 while the streamer moves block weights), and switching a LoRA or its weight only replaces those two tensors, so
@@ -26,13 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers.hooks import HookRegistry, ModelHook
 
 from ..config.loras import LoraError
 
 log = logging.getLogger("framepack.lora")
 
-HOOK = "lora"
 
 
 @dataclass(frozen=True)
@@ -43,8 +41,15 @@ class LoraPair:
 
 
 def _linears(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    return {name: m for name, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) or type(m).__name__ == "FP8Linear"}
+    """The linear layers (bf16 or FP8) by their diffusers name; a layer wrapped with LoRAs by its own name."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) or type(m).__name__ == "FP8Linear":
+            owner = name.removesuffix(".base")
+            if owner != name and isinstance(model.get_submodule(owner), LoraLinear):
+                name = owner
+            out[name] = m
+    return out
 
 
 def _shape(module) -> tuple[int, int]:
@@ -110,18 +115,29 @@ def check_shapes(path: Path, pairs: dict[str, LoraPair], linears: dict[str, torc
                             f"{tuple(pair.down.shape)} and {tuple(pair.up.shape)} (made for another model?)")
 
 
-class _LoraHook(ModelHook):
-    """output += (x @ down^T) @ up^T, with every active LoRA of this layer in one pair of matmuls."""
+class LoraLinear(torch.nn.Module):
+    """A linear layer with its LoRAs: base(x) + (x @ down^T) @ up^T, every active LoRA in one pair of matmuls.
 
-    def __init__(self, down: torch.Tensor, up: torch.Tensor):
+    One class for every wrapped layer, with A and B as buffers: torch.compile sees the same code in every block
+    and new tensors of the same shapes are new inputs, not new graphs (a per-layer hook function was a guard per
+    layer, and the blocks recompiled until dynamo gave up)."""
+
+    def __init__(self, base: torch.nn.Module, down: torch.Tensor, up: torch.Tensor):
         super().__init__()
-        self.down, self.up = down, up
+        self.base = base
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.register_buffer("down", down, persistent=False)
+        self.register_buffer("up", up, persistent=False)
 
-    def new_forward(self, module, x, *args, **kwargs):
-        out = self.fn_ref.original_forward(x, *args, **kwargs)
+    def forward(self, x):
         down = self.down.to(device=x.device, dtype=x.dtype)
         up = self.up.to(device=x.device, dtype=x.dtype)
-        return out + torch.nn.functional.linear(torch.nn.functional.linear(x, down), up)
+        return self.base(x) + torch.nn.functional.linear(torch.nn.functional.linear(x, down), up)
+
+
+def _set_child(model: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 class LoraManager:
@@ -132,7 +148,7 @@ class LoraManager:
         self.device = device
         self._files: dict[str, tuple[float, dict[str, LoraPair]]] = {}  # path -> (mtime, pairs), parsed once
         self.active: list[tuple[str, float]] = []
-        self._hooked: set[str] = set()
+        self._wrapped: dict[str, LoraLinear] = {}
 
     def _pairs(self, path: str, linears) -> dict[str, LoraPair]:
         try:
@@ -165,22 +181,22 @@ class LoraManager:
         for path, weight in loras:  # every file is checked before anything changes
             for module, pair in self._pairs(path, linears).items():
                 per_module.setdefault(module, []).append((pair, weight))
-        for module in self._hooked - set(per_module):
-            HookRegistry.check_if_exists_or_initialize(linears[module]).remove_hook(HOOK, recurse=False)
-        for module, items in per_module.items():
-            ref = next(linears[module].parameters())
+        for name in set(self._wrapped) - set(per_module):
+            _set_child(self.transformer, name, self._wrapped.pop(name).base)
+        for name, items in per_module.items():
+            base = linears[name]
+            ref = next(base.parameters())
             device = self.device or ref.device
             # the layer's compute dtype: FP8 linears take bf16 activations, so their LoRA is bf16 too
             dtype = ref.dtype if ref.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.bfloat16
             down = torch.cat([p.down.float() for p, _ in items]).to(device=device, dtype=dtype)
             up = torch.cat([p.up.float() * (p.scale * w) for p, w in items], dim=1).to(device=device, dtype=dtype)
-            registry = HookRegistry.check_if_exists_or_initialize(linears[module])
-            hook = registry.get_hook(HOOK)
-            if hook is None:
-                registry.register_hook(_LoraHook(down, up), HOOK)
+            wrapper = self._wrapped.get(name)
+            if wrapper is None:
+                self._wrapped[name] = LoraLinear(base, down, up)
+                _set_child(self.transformer, name, self._wrapped[name])
             else:
-                hook.down, hook.up = down, up
-        self._hooked = set(per_module)
+                wrapper.down, wrapper.up = down, up
         self.active = loras
         return self.describe()
 
@@ -188,4 +204,4 @@ class LoraManager:
         if not self.active:
             return "LoRAs: none"
         return "LoRAs: " + ", ".join(f"{Path(p).stem} x {w:g}" for p, w in self.active) + \
-            f" ({len(self._hooked)} layers, unfused)"
+            f" ({len(self._wrapped)} layers, unfused)"
