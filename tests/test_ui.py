@@ -293,17 +293,27 @@ def test_the_api_opens_only_uploaded_files_and_checks_job_ids(app_url, image_fil
     assert client.predict("no-such-job", api_name="/cancel_job").startswith("Unknown job")
 
 
-def _newest_sidecar(outputs: Path) -> dict:
-    records = [json.loads(p.read_text()) for p in sorted(outputs.glob("*.json"), key=lambda p: p.stat().st_mtime)]
-    return [r for r in records if "settings" in r][-1]  # a job's sidecar (the folder also holds the job journal)
+def _finished_sidecar(outputs: Path, prompt: str, timeout_s: float = 90) -> dict:
+    """The sidecar of the finished job with this prompt (the status line may still show an earlier job's end)."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        for path in sorted(outputs.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True):
+            try:
+                record = json.loads(path.read_text())
+            except ValueError:
+                continue  # being replaced right now
+            if record.get("settings", {}).get("prompt") == prompt and record.get("status") == "finished":
+                return record
+        time.sleep(0.3)
+    raise AssertionError(f"no finished job with the prompt {prompt!r}")
 
 
 def test_timed_prompt_in_the_browser(page, image_file, app_url):
     """A timed prompt with blending runs from the UI; the sidecar says which prompt each section used."""
     _set_slider(page, "prompt-blend", 1)
-    _start(page, image_file, prompt="[0s: a cat sits]\n[1.2s: the cat stands up]", seconds=2.4, steps=3)
-    _wait_status(page, "Finished")
-    record = _newest_sidecar(app_url[1])
+    prompt = "[0s: a cat sits]\n[1.2s: the cat stands up]"
+    _start(page, image_file, prompt=prompt, seconds=2.4, steps=3)
+    record = _finished_sidecar(app_url[1], prompt)
     assert record["settings"]["prompt_blend_sections"] == 1
     assert [[p["text"] for p in row["prompts"]] for row in record["prompt_schedule"]] == [
         ["a cat sits"], ["a cat sits", "the cat stands up"]]
@@ -325,8 +335,7 @@ def test_lora_from_the_folder_in_the_browser(page, image_file, app_url):
                            timeout=15_000)
     page.fill("#loras textarea, #loras input", "style.safetensors:0.6")
     _start(page, image_file, prompt="a cat with a LoRA", seconds=1, steps=2)
-    _wait_status(page, "Finished")
-    assert _newest_sidecar(app_url[1])["loras"] == [{"file": "style.safetensors", "weight": 0.6}]
+    assert _finished_sidecar(app_url[1], "a cat with a LoRA")["loras"] == [{"file": "style.safetensors", "weight": 0.6}]
     page.screenshot(path=str(app_url[1] / "lora.png"), full_page=True)
 
 
@@ -346,8 +355,7 @@ def test_end_image_and_keyframe_in_the_browser(page, image_file, app_url):
     page.fill("#keyframe-times textarea, #keyframe-times input", "1.2")
     page.wait_for_selector("#end-image img", timeout=15_000)
     _start(page, image_file, prompt="a cat aims", seconds=2.4, steps=2)
-    _wait_status(page, "Finished")
-    record = _newest_sidecar(app_url[1])
+    record = _finished_sidecar(app_url[1], "a cat aims")
     assert record["section_targets"] == {"1": "keyframe at 1.2s, ending at 1.2s", "2": "end image, ending at 2.4s"}
     page.locator("#targets").screenshot(path=str(app_url[1] / "keyframes.png"))
 
@@ -380,8 +388,8 @@ def test_extend_a_video_in_the_browser(page, app_url, tmp_path):
     _set_slider(page, "seconds", 1.2)
     _set_slider(page, "steps", 2)
     page.click("#start")
-    _wait_status(page, "Finished: 81 frames")  # 45 of the video, 36 new
-    record = _newest_sidecar(app_url[1])
+    record = _finished_sidecar(app_url[1], "and then")
+    assert record["frames"] == 81  # 45 of the video, 36 new
     assert record["source_video"] == "mine.mp4" and record["model"] == "tiny-f1"
 
 
@@ -398,9 +406,9 @@ def test_api_extend_video(app_url, tmp_path):
     assert done["state"] == "finished" and done["frames"] == 81, done
 
 
-def test_extend_a_past_video_from_the_gallery(page, image_file):
+def test_extend_a_past_video_from_the_gallery(page, image_file, app_url):
     _start(page, image_file, prompt="to be continued", seconds=1.2, steps=2)
-    _wait_status(page, "Finished")
+    _finished_sidecar(app_url[1], "to be continued")
     page.click("#past")
     page.click("#refresh-gallery")
     page.locator("#gallery .thumbnail-item").first.click(timeout=15_000)
