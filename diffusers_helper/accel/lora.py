@@ -56,34 +56,41 @@ def _shape(module) -> tuple[int, int]:
     return module.out_features, module.in_features
 
 
+def _pairs_of(name: str, groups: dict[str, dict[str, torch.Tensor]], modules: dict[str, str],
+              parts: tuple[str, str]) -> dict[str, LoraPair]:
+    """Grouped tensors {key: {down part, up part, "alpha"}} -> {module: pair}, every key matching a layer
+    (`modules`: key -> module name) and holding both weights; alpha defaults to the rank (scale 1)."""
+    unmatched = [k for k in groups if k not in modules]
+    if unmatched:
+        raise LoraError(f"{name} does not fit this model: {len(unmatched)} of {len(groups)} modules match no layer "
+                        f"(for example {', '.join(unmatched[:3])})")
+    down_part, up_part = parts
+    pairs = {}
+    for key, tensors in groups.items():
+        if down_part not in tensors or up_part not in tensors:
+            raise LoraError(f"{name}: {key} lacks its {down_part.split('.')[0]} or {up_part.split('.')[0]} weight")
+        down, up = tensors[down_part], tensors[up_part]
+        alpha = float(tensors["alpha"]) if "alpha" in tensors else float(down.shape[0])
+        pairs[modules[key]] = LoraPair(down, up, alpha / down.shape[0])
+    return pairs
+
+
 def parse_lora(path: Path, state: dict[str, torch.Tensor], linears: dict[str, torch.nn.Module]) -> dict[str, LoraPair]:
     """{module name: pair} for a LoRA state dict, in diffusers' module names."""
     name = Path(path).name
+    groups: dict[str, dict[str, torch.Tensor]] = {}
     if any(k.startswith("lora_unet_") for k in state):
-        flat = {n.replace(".", "_"): n for n in linears}
-        groups: dict[str, dict[str, torch.Tensor]] = {}
         for key, value in state.items():
-            match = re.match(r"lora_unet_(.+?)\.(lora_down\.weight|lora_up\.weight|alpha)$", key)
+            match = re.match(r"(lora_unet_.+?)\.(lora_down\.weight|lora_up\.weight|alpha)$", key)
             if match is None:
                 raise LoraError(f"{name}: key {key!r} is not a kohya LoRA key")
             groups.setdefault(match.group(1), {})[match.group(2)] = value
-        unmatched = [f"lora_unet_{k}" for k in groups if k not in flat]
-        if unmatched:
-            raise LoraError(f"{name} does not fit this model: {len(unmatched)} of {len(groups)} modules match no "
-                            f"layer (for example {', '.join(unmatched[:3])})")
-        pairs = {}
-        for key, parts in groups.items():
-            if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
-                raise LoraError(f"{name}: lora_unet_{key} lacks its lora_down or lora_up weight")
-            down, up = parts["lora_down.weight"], parts["lora_up.weight"]
-            alpha = float(parts["alpha"]) if "alpha" in parts else float(down.shape[0])
-            pairs[flat[key]] = LoraPair(down, up, alpha / down.shape[0])
-        return pairs
+        modules = {"lora_unet_" + n.replace(".", "_"): n for n in linears}
+        return _pairs_of(name, groups, modules, ("lora_down.weight", "lora_up.weight"))
     if any("img_attn_qkv" in k or "txt_attn_qkv" in k for k in state):
         from diffusers.loaders.lora_conversion_utils import _convert_hunyuan_video_lora_to_diffusers
 
         state = _convert_hunyuan_video_lora_to_diffusers(dict(state))
-    groups = {}
     for key, value in state.items():
         match = re.match(r"(?:transformer\.|diffusion_model\.|base_model\.model\.)?(.+?)\.(lora_A|lora_B)"
                          r"(?:\.default)?\.weight$|(?:transformer\.|diffusion_model\.)?(.+?)\.(alpha)$", key)
@@ -92,18 +99,7 @@ def parse_lora(path: Path, state: dict[str, torch.Tensor], linears: dict[str, to
                             "lora_B.weight or kohya's lora_unet_...)")
         module, part = (match.group(1), match.group(2)) if match.group(1) else (match.group(3), match.group(4))
         groups.setdefault(module, {})[part] = value
-    unmatched = [k for k in groups if k not in linears]
-    if unmatched:
-        raise LoraError(f"{name} does not fit this model: {len(unmatched)} of {len(groups)} modules match no layer "
-                        f"(for example {', '.join(unmatched[:3])})")
-    pairs = {}
-    for module, parts in groups.items():
-        if "lora_A" not in parts or "lora_B" not in parts:
-            raise LoraError(f"{name}: {module} lacks its lora_A or lora_B weight")
-        down, up = parts["lora_A"], parts["lora_B"]
-        alpha = float(parts["alpha"]) if "alpha" in parts else float(down.shape[0])
-        pairs[module] = LoraPair(down, up, alpha / down.shape[0])
-    return pairs
+    return _pairs_of(name, groups, {n: n for n in linears}, ("lora_A", "lora_B"))
 
 
 def check_shapes(path: Path, pairs: dict[str, LoraPair], linears: dict[str, torch.nn.Module]) -> None:

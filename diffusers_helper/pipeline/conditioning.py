@@ -168,13 +168,16 @@ def encode_job_images(bundle, use, request, resolution: int) -> JobImages:
         return resize_and_center_crop(img, target_width=width, target_height=height)
 
     image = fit(request.image)
+    source = None if request.source_frames is None else np.stack([fit(f) for f in request.source_frames])
+    first = request.image if source is None else source[0]  # an extended video's first frame is the anchor
     use("vae")
     latents = [vae_encode(image_to_tensor(fit(img)), bundle.vae).float().cpu()
-               for img in [request.image] + ([request.end_image] if request.end_image is not None else [])
+               for img in [first] + ([request.end_image] if request.end_image is not None else [])
                + [img for _, img in request.keyframes]]
+    source_latents = None if source is None else encode_video_tail(source, bundle.vae)
     use("image_encoder")
     embeds = siglip_embed(image, bundle.feature_extractor, bundle.image_encoder)
-    out = JobImages(image, latents[0], embeds, keyframes=[])
+    out = JobImages(image, latents[0], embeds, keyframes=[], source_latents=source_latents, source_frames=source)
     rest = latents[1:]
     if request.end_image is not None:
         out.end_image, out.end_latent, rest = fit(request.end_image), rest[0], rest[1:]
@@ -182,11 +185,6 @@ def encode_job_images(bundle, use, request, resolution: int) -> JobImages:
         mix = request.end_strength / 2
         out.embeds = (embeds.float() * (1 - mix) + end_embeds.float() * mix).to(embeds.dtype)
     out.keyframes = [(t, z, fit(img)) for (t, img), z in zip(request.keyframes, rest)]
-    if request.source_frames is not None:
-        out.source_frames = np.stack([fit(f) for f in request.source_frames])
-        use("vae")
-        out.start_latent = vae_encode(image_to_tensor(out.source_frames[0]), bundle.vae).float().cpu()
-        out.source_latents = encode_video_tail(out.source_frames, bundle.vae)
     return out
 
 

@@ -131,9 +131,6 @@ class JobPrompts:
     negative: object  # PromptEmbeds
     schedule: list[dict] | None = None  # what each section uses, for the sidecar (timed prompts only)
 
-    def at(self, time_index: int):
-        return self.sections[time_index] if len(self.sections) > 1 else self.sections[0]
-
 
 def encode_job_prompts(prompt: str, negative_prompt: str, cfg: float, sections: int, section_s: float, blend: int,
                        encode) -> JobPrompts:
