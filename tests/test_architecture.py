@@ -8,8 +8,8 @@ from conftest import REPO
 PKG = REPO / "diffusers_helper"
 # Lowest first: a package may import itself and any package of a lower rank, never a higher or an equal one.
 RANKS = {"config": 0, "models": 1, "media": 2, "caches": 2, "accel": 3, "memory": 4, "vae": 5, "pipeline": 6,
-         "app": 7}
-ENTRY_RANK = 8  # generate, bench, parity, settings: the command-line entry points on top
+         "parallel": 7, "app": 8}
+ENTRY_RANK = 9  # generate, bench, parity, settings: the command-line entry points on top
 MAX_LINES = 400
 MAX_MODULES = 12
 

@@ -182,6 +182,13 @@ class Settings(JobSettings):
     trt_max_cached_shapes: int = _s(8, "FRAMEPACK_TRT_MAX_CACHED_SHAPES", [], "engines kept per shape cache",
                                     min=1, max=256, group="tensorrt")
 
+    # -- several GPUs -------------------------------------------------------------------------------------------
+    cp_gpus: int = _s(1, "FRAMEPACK_CP_GPUS", ["--cp-gpus"], "GPUs that share each transformer forward of one video "
+                      "(context parallel; 1: off). The app starts the extra ranks itself", min=1, max=8,
+                      group="gpus")
+    cp_attention: str = _s("ulysses", "FRAMEPACK_CP_ATTENTION", ["--cp-attention"], "how context-parallel ranks "
+                           "share attention: ulysses (all-to-all of heads) or ring (key/value passed around)",
+                           choices=("ulysses", "ring"), group="gpus")
 
 # Names other FramePack builds use for the same setting in config.yaml; resolved on read.
 CONFIG_ALIASES = {
