@@ -156,13 +156,24 @@ def main(argv: list[str] | None = None) -> int:
 
     for line in apply_runtime_flags(loaded.settings):
         logging.getLogger("framepack.startup").info(line)
+    settings, rank = _context_parallel(loaded.settings, args)
     try:
-        provider = engine_provider(loaded.settings, models_dir=args.models_dir,
-                                   offline=True if args.offline else None, device=args.device, outputs_dir=args.output)
+        provider = engine_provider(settings, models_dir=args.models_dir, offline=True if args.offline else None,
+                                   device=args.device, outputs_dir=args.output)
         engine = provider.get(args.model)
     except (WeightsMissingError, ValueError) as exc:
         print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    if rank is not None:
+        from .parallel.ranks import RankEngine, follower_engine, run_job
+
+        if rank > 0:  # computes its share of each forward; rank 0 reports and writes the video
+            import tempfile
+
+            with tempfile.TemporaryDirectory(prefix=f"framepack-rank{rank}-") as scratch:
+                run_job(follower_engine(engine, scratch), request, lambda event: None, None, None)
+            return 0
+        engine = RankEngine(engine)
     cancel = CancelToken()
     signal.signal(signal.SIGINT, lambda *_: cancel.cancel())
     bar = None
@@ -192,6 +203,27 @@ def main(argv: list[str] | None = None) -> int:
             code = EXIT_FAILED
             print(f"error: {event.error}", file=sys.stderr)
     return code
+
+
+def _context_parallel(settings, args):
+    """Under `torchrun --nproc-per-node N`: join the N ranks, each on its own GPU, and share every forward."""
+    from dataclasses import replace
+
+    from .parallel.ranks import init_ranks, torchrun_rank
+
+    ranks = torchrun_rank()
+    if ranks is None:
+        if settings.cp_gpus > 1:
+            logging.getLogger("framepack").warning(
+                "FRAMEPACK_CP_GPUS=%d: the command line shares a video across GPUs when started with torchrun "
+                "--nproc-per-node %d; running on one device", settings.cp_gpus, settings.cp_gpus)
+        return replace(settings, cp_gpus=1), None
+    rank, world = ranks
+    device = init_ranks(rank, world)
+    args.device = str(device)
+    if rank > 0:
+        logging.getLogger().setLevel(logging.WARNING)
+    return replace(settings, cp_gpus=world), rank
 
 
 if __name__ == "__main__":

@@ -71,6 +71,7 @@ def transformer_plan(settings: Settings):
     """What prepare_transformer does to the transformer: weight format, step cache, compile, attention."""
     from ..accel.attention import AttentionConfig
     from ..accel.compile import CompileConfig
+    from ..accel.context_parallel import ContextParallel
     from ..config.formats import WeightFormat
     from ..pipeline.prepare import TransformerPlan
 
@@ -78,7 +79,8 @@ def transformer_plan(settings: Settings):
     return TransformerPlan(weights=WeightFormat.from_settings(s), cache_store=s.cache_dir,
                            compile=CompileConfig(enabled=s.enable_compile, mode=s.compile_mode, cache_dir=s.cache_dir,
                                                  module_cache=s.enable_module_cache, warmup=not s.fast_start),
-                           attention=AttentionConfig(backend=s.attention_backend, xformers_mode=s.xformers_mode))
+                           attention=AttentionConfig(backend=s.attention_backend, xformers_mode=s.xformers_mode),
+                           context_parallel=ContextParallel(s.cp_gpus, s.cp_attention))
 
 
 def model_device_settings(settings: Settings) -> dict[str, str]:

@@ -94,6 +94,25 @@ class StepCache(ABC):
         self.steps_computed = []
 
 
+_agreement: Callable[[bool], bool] | None = None
+
+
+def set_agreement(fn: Callable[[bool], bool] | None) -> None:
+    """Context parallel ranks: `fn` turns one rank's compute-or-skip decision into the one every rank takes."""
+    global _agreement
+    _agreement = fn
+
+
+def agree(compute: bool) -> bool:
+    """A cache's decision for this step, the same on every rank (one rank: unchanged)."""
+    return compute if _agreement is None else _agreement(compute)
+
+
+def split_forward() -> bool:
+    """Whether the blocks' outputs are split across context parallel ranks."""
+    return _agreement is not None
+
+
 # name -> attach(transformer) -> StepCache; `register_step_cache` adds one and makes it a job choice
 STEP_CACHES: dict[str, Callable[[object], StepCache]] = {}
 

@@ -12,7 +12,7 @@ from diffusers.hooks import HookRegistry
 from diffusers.hooks.hooks import StateManager
 from diffusers.hooks.first_block_cache import FBCBlockHook, FBCHeadBlockHook, FBCSharedBlockState
 
-from .base import CacheContext, CacheSettings, StepCache, context_name
+from .base import CacheContext, CacheSettings, StepCache, context_name, split_forward
 
 
 class _Head(FBCHeadBlockHook):
@@ -61,6 +61,9 @@ class FirstBlockCache(StepCache):
     def configure(self, settings: CacheSettings, context: CacheContext) -> str:
         if settings.fbcache_threshold < 0:
             raise ValueError(f"first-block cache threshold must be >= 0, got {settings.fbcache_threshold}")
+        if split_forward():  # its rule reads the first block's output, which each rank holds only a part of
+            raise ValueError("the first-block cache does not work with context parallel GPUs; use TeaCache, "
+                             "MagCache or TaylorSeer")
         self.head.threshold = settings.fbcache_threshold
         return f"first-block cache, threshold {self.head.threshold:g}"
 

@@ -17,7 +17,7 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 
-from .base import StepCache, context_name
+from .base import StepCache, agree, context_name
 
 _HEAD, _SKIP, _TAIL = "head", "skip", "tail"
 
@@ -53,7 +53,7 @@ class _HeadHook(_Hook):
             return self.fn_ref.original_forward(hidden_states, encoder_hidden_states, temb, *args, **kwargs)
         st = cache.states.get_state()
         step = st.count
-        compute = cache.decide(st, step, module, hidden_states, temb) or st.residual is None
+        compute = agree(cache.decide(st, step, module, hidden_states, temb) or st.residual is None)
         st.count += 1
         st.compute = compute
         if context_name(cache.states) != "uncond":  # count each step once, whatever the guidance

@@ -6,6 +6,7 @@ a worker thread, and `iter_events` turns it into an iterator for the CLI and the
 
 from __future__ import annotations
 
+import gc
 import logging
 import platform
 import queue
@@ -57,6 +58,8 @@ def versions() -> dict:
 
 
 class Engine:
+    computes_only = False  # a context-parallel rank but the first: no decode, no video
+
     def __init__(self, bundle, placement: Placement | None = None, outputs_dir: str | Path = "outputs",
                  decode_options: DecodeOptions | None = None, async_decode: str = "auto",
                  plan: TransformerPlan | None = None, lora_dir: str | Path = "loras"):
@@ -70,10 +73,9 @@ class Engine:
         self.lora_dir = Path(lora_dir)
         self.decoder = SectionDecoder(bundle.vae, decode_options)
         self.base_decode_options = self.decoder.options
-        self.model_dtype = bundle.transformer.dtype
+        self.model_dtype = self.dtype = bundle.transformer.dtype
         self.background_decode = self._choose_background_decode(async_decode)
         self.outputs_dir = Path(outputs_dir)
-        self.dtype = bundle.transformer.dtype
         self._lock = threading.Lock()  # one job at a time per set of models
 
     def _cache_context(self, request) -> CacheContext:
@@ -122,8 +124,6 @@ class Engine:
 
         The decode thread finishes first, since the step-down moves models; once the VAE has to share the
         compute GPU with a streamed transformer, sections are decoded in turn instead of in the background."""
-        import gc
-
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -251,7 +251,7 @@ class Engine:
                 write_json(record, files.sidecar)
                 with torch.inference_mode():
                     video = self._run(request, files, sections, emit, cancel, t0, record)
-                return finish(Finished(video, files.sidecar, record["frames"], time.perf_counter() - t0),
+                return finish(Finished(video, files.sidecar, record.get("frames", 0), time.perf_counter() - t0),
                               "finished")
             except JobCancelled:
                 log.info("Job cancelled; kept %s", kept()[0])
@@ -360,7 +360,8 @@ class Engine:
                 if not self.background_decode:
                     emit(Stage(f"Decoding section {k + 1}/{sections}"))
                     self.placement.use(b, "vae")
-                finisher.submit(k, sections, schedule.newest_latents(k), note)
+                if not self.computes_only:
+                    finisher.submit(k, sections, schedule.newest_latents(k), note)
                 cancel.raise_if_cancelled()
             finisher.drain()
         except BaseException:

@@ -1,11 +1,13 @@
 """`prepare_transformer`: every change made to the loaded transformer, as named steps in one declared order.
 
-    weights -> compile -> step caches -> placement -> attention
+    weights -> compile -> context parallel -> step caches -> placement -> attention
 
 - weights first: placement lays out (and the block streamer copies) the weights as they will run, and compile
   traces the converted layers;
 - compile wraps each block's own forward before any hook is registered, so every hook (caches, offloading)
   stays outside the graph, in Python: no cache state becomes a guard, nothing recompiles per step;
+- context parallel (several GPUs sharing each forward) before the step caches: its split and gather hooks then sit
+  inside the caches' hooks, so a cache sees whole tensors and every rank takes the same decision;
 - the step caches before placement: offloading hooks must wrap the caches' hooks, so a block's weights are on
   the GPU when a cache reads it, and the streamer must know which steps skip the blocks;
 - the attention backend last: it only sets the processors' kernel, which compiled graphs read at run time.
@@ -22,6 +24,7 @@ from dataclasses import dataclass, field
 
 from ..accel.attention import AttentionConfig, apply_attention
 from ..accel.compile import CompileConfig, apply_compile
+from ..accel.context_parallel import CP_BACKENDS, ContextParallel, apply_context_parallel
 from ..accel.weights import apply_weight_format
 from ..caches.base import StepCaches
 from ..config.formats import WeightFormat
@@ -41,6 +44,7 @@ class TransformerPlan:
     cache_store: str | None = None  # where caches keep calibrated data (MagCache ratios); None: nowhere
     compile: CompileConfig = field(default_factory=CompileConfig)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
+    context_parallel: ContextParallel = field(default_factory=ContextParallel)
 
 
 @dataclass(frozen=True)
@@ -125,8 +129,26 @@ def apply_compile_step(model, config: CompileConfig) -> StepReport:
     return StepReport("compile", summary, {"compiled_blocks": blocks or 0})
 
 
-def apply_attention_step(model, config: AttentionConfig) -> StepReport:
-    return StepReport("attention", apply_attention(model, config))
+def apply_context_parallel_step(model, cp: ContextParallel) -> StepReport:
+    if not cp.enabled:
+        return StepReport("context_parallel", "off")
+    summary = _once(model, "context_parallel", cp, lambda: apply_context_parallel(model, cp))
+    return StepReport("context_parallel", summary or "already applied", {"ranks": cp.degree})
+
+
+def apply_attention_step(model, config: AttentionConfig, cp: ContextParallel) -> StepReport:
+    backend = apply_attention(model, config)
+    kernel = lambda: getattr(model.transformer_blocks[0].attn.processor, "_attention_backend", None)  # noqa: E731
+    if cp.enabled and kernel() not in (None, *CP_BACKENDS):
+        log.warning("Attention backend %s cannot split across GPUs; using PyTorch SDPA", backend)
+        backend = apply_attention(model, AttentionConfig())
+    if cp.enabled and cp.attention == "ring" and kernel() in (None, "native"):
+        # ring attention merges partial results by their log-sum-exp, which SDPA's dispatcher does not return
+        if model.device.type != "cuda":
+            raise ValueError("ring attention across ranks needs a CUDA attention kernel; use ulysses on CPUs")
+        log.info("Ring attention needs the log-sum-exp: using the cuDNN kernel")
+        backend = apply_attention(model, AttentionConfig(backend="cudnn"))
+    return StepReport("attention", backend)
 
 
 def prepare_transformer(bundle, plan: TransformerPlan, placement: Placement) -> PrepareReport:
@@ -135,10 +157,11 @@ def prepare_transformer(bundle, plan: TransformerPlan, placement: Placement) -> 
     report = PrepareReport()
     report.steps.append(apply_weights(model, plan.weights))
     report.steps.append(apply_compile_step(model, plan.compile))
+    report.steps.append(apply_context_parallel_step(model, plan.context_parallel))
     step, report.step_caches = apply_step_caches(model, plan.step_caches)
     report.steps.append(step)
     report.steps.append(apply_placement(bundle, placement, report.step_caches))
-    report.steps.append(apply_attention_step(model, plan.attention))
+    report.steps.append(apply_attention_step(model, plan.attention, plan.context_parallel))
     for s in report.steps:
         log.info("Transformer %s: %s", s.step.replace("_", " "), s.summary)
     return report
