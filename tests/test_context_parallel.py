@@ -126,3 +126,49 @@ def test_cli_under_torchrun_writes_the_one_rank_video(tiny_root, tmp_path, image
     record = json.loads(Path(videos[0]).with_name(Path(videos[0]).stem.rsplit("_", 1)[0] + ".json").read_text())
     assert record["transformer"]["context_parallel"].startswith("ulysses over 2 ranks")
     assert len(glob.glob(str(tmp_path / "two" / "*.json"))) == 1
+
+
+_APP = '''
+import sys, time
+from dataclasses import replace
+import numpy as np
+from diffusers_helper.config import Settings
+from diffusers_helper.app.startup import engine_provider
+from diffusers_helper.app.jobs import JobQueue
+from diffusers_helper.pipeline.request import GenerationRequest
+
+if __name__ == "__main__":
+    import logging
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    s = replace(Settings(), tiny=True, model="tiny", cp_gpus=2, output_dir=sys.argv[1], device="cpu", offline=True)
+    provider = engine_provider(s)
+    q = JobQueue(provider, outputs_dir=sys.argv[1])
+    img = (np.random.RandomState(0).rand(64, 80, 3) * 255).astype("uint8")
+    a = q.submit(GenerationRequest(prompt="waves", image=img, seconds=1, steps=3, cache="none"), "tiny")
+    b = q.submit(GenerationRequest(prompt="a cat", image=img, seconds=2, steps=20, cache="teacache"), "tiny")
+    c = q.submit(GenerationRequest(prompt="a dog", image=img, seconds=1, steps=3), "tiny")
+    print("A", q.wait(a, 300).state)
+    while (snap := q.get(b)).state == "queued" or (snap.step or 0) < 3:
+        time.sleep(0.05)
+    q.cancel(b)
+    print("B", q.wait(b, 300).state)
+    print("C", q.wait(c, 300).state, q.get(c).frames)
+    q.close()
+    provider.close()
+    print("ranks alive", sum(p.is_alive() for p in provider.processes))
+'''
+
+
+def test_app_starts_its_ranks_and_a_stop_reaches_them(tiny_root, tmp_path):
+    """FRAMEPACK_CP_GPUS=2 in the app: rank 0 starts rank 1 itself; jobs run on both, a stop in the middle of a
+    job stops both ranks at the same step (the next job still runs), and closing ends the other rank."""
+    script = tmp_path / "app.py"
+    script.write_text(_APP)
+    env = dict(os.environ, FRAMEPACK_CACHE_DIR=str(tiny_root.parent), PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "out")], capture_output=True, text=True,
+                          env=env, cwd=REPO, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert lines[:3] == ["A finished", "B cancelled", "C finished 37"], proc.stdout + proc.stderr[-2000:]
+    assert lines[-1] == "ranks alive 0"
+    assert "Context parallel: 2 ranks started" in proc.stderr

@@ -127,6 +127,19 @@ def _agreement(group):
     return agree
 
 
+def _attention_outside_graphs() -> None:
+    """Compiled blocks call the split attention eagerly: diffusers' uneven ("anything") Ulysses all-gathers the
+    part sizes inside it, which dynamo cannot trace (torch 2.13: "FakeScriptObject ... allgather"). The graph
+    breaks there; the norms, projections and MLP around it stay compiled."""
+    from diffusers.models import attention_dispatch as dispatch
+
+    fn = dispatch._templated_context_parallel_attention
+    if not getattr(fn, "_framepack_eager", False):
+        eager = torch.compiler.disable(fn)
+        eager._framepack_eager = True
+        dispatch._templated_context_parallel_attention = eager
+
+
 @contextlib.contextmanager
 def _cpu_ranks():
     """diffusers 0.42 takes `rank % torch.accelerator.device_count()` even on CPU ranks (the gloo test run),
@@ -165,6 +178,7 @@ def apply_context_parallel(transformer, cp: ContextParallel) -> str:
         raise ValueError(f"context parallel attention must be ulysses or ring, got {cp.attention!r}")
     with _cpu_ranks():
         transformer.enable_parallelism(config=config, cp_plan=framepack_cp_plan(transformer))
+    _attention_outside_graphs()
     from diffusers.hooks import HookRegistry
 
     lengths = _UnevenSwitch(config, world, switch=not (cp.attention == "ulysses" and heads % world))

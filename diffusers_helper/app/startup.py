@@ -100,7 +100,15 @@ def engine_provider(settings: Settings, **overrides):
                   opt_cache=s.optimized_transformer if s.enable_opt_cache and not s.fast_start else None,
                   devices=model_device_settings(s), lora_dir=s.lora_dir)
     kwargs.update(overrides)
-    return EngineProvider(**kwargs)
+    provider = EngineProvider(**kwargs)
+    if s.cp_gpus > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():  # the app: start the other ranks (torchrun and those ranks already joined)
+            from ..parallel.group import RankProvider
+
+            return RankProvider(provider, engine_provider, settings, s.cp_gpus)
+    return provider
 
 
 def device_arg(settings: Settings) -> str | None:

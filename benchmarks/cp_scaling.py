@@ -1,0 +1,94 @@
+"""Context-parallel scaling: seconds per transformer forward on 1 and on N GPUs, and the split forward's error.
+
+    torchrun --nproc-per-node N benchmarks/cp_scaling.py [--accel eager|compile|compile+fp8] [--size 640]
+             [--attention ulysses|ring] [--steps 25] [--out cp.json]
+
+Every rank builds the full-size FramePack transformer with random weights (the tiny model on CPU ranks, gloo),
+times the whole forward alone (the one-GPU figure: each rank runs it on its own GPU, rank 0's is reported), then
+joins the split and times it again. The section figure is `steps` forwards (no step cache). The relative error
+is the split output against the whole one on the same inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from diffusers_helper.accel.context_parallel import ContextParallel  # noqa: E402
+from diffusers_helper.models.fullsize import seeded_transformer  # noqa: E402
+from diffusers_helper.models.loading import ModelBundle  # noqa: E402
+from diffusers_helper.models.specs import real_spec  # noqa: E402
+from diffusers_helper.memory.placement import Placement  # noqa: E402
+from diffusers_helper.parallel.ranks import init_ranks, torchrun_rank  # noqa: E402
+from diffusers_helper.pipeline.e2e import _plan  # noqa: E402
+from diffusers_helper.pipeline.prepare import prepare_transformer  # noqa: E402
+from diffusers_helper.pipeline.warmup import forward_fn, section_inputs  # noqa: E402
+
+
+def timed(run, device, repeats: int) -> tuple[float, torch.Tensor]:
+    out = run()
+    run()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        torch.distributed.barrier()
+        t0 = time.perf_counter()
+        out = run()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--accel", default="compile")
+    ap.add_argument("--attention", default="ulysses", choices=("ulysses", "ring"))
+    ap.add_argument("--size", type=int, default=None, help="bucket side in pixels (GPU default 640)")
+    ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    rank, world = torchrun_rank() or (0, 1)
+    device = init_ranks(rank, world)
+    transformer, dtype, size = seeded_transformer(device)
+    size = args.size or size
+    bundle = ModelBundle(spec=real_spec("framepack"), transformer=transformer)
+    plan = _plan(args.accel, "cache")
+    placement = Placement(device, "full")
+    prepare_transformer(bundle, plan, placement)
+    cond, noise = section_inputs(transformer, size, dtype, device)
+    whole_s, whole = timed(forward_fn(transformer, cond, noise, dtype, device), device, args.repeats)
+    whole = whole.float().clone()
+    row = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "ranks": world,
+           "accel": args.accel, "attention": args.attention, "size": size, "forward_s_1": round(whole_s, 4)}
+    if world > 1:
+        from dataclasses import replace
+
+        prepare_transformer(bundle, replace(plan, context_parallel=ContextParallel(world, args.attention)), placement)
+        split_s, split = timed(forward_fn(transformer, cond, noise, dtype, device), device, args.repeats)
+        err = float((split.float() - whole).norm() / whole.norm())
+        row.update(forward_s_n=round(split_s, 4), speedup=round(whole_s / split_s, 3),
+                   efficiency=round(whole_s / split_s / world, 3), rel_err=err)
+    row["section_s_1"] = round(row["forward_s_1"] * args.steps, 2)
+    if "forward_s_n" in row:
+        row["section_s_n"] = round(row["forward_s_n"] * args.steps, 2)
+    if rank == 0:
+        print(json.dumps(row, indent=2))
+        if args.out:
+            Path(args.out).write_text(json.dumps(row, indent=2))
+    torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
