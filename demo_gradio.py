@@ -244,8 +244,8 @@ def build_app(app: App) -> gr.Blocks:
                 bar = gr.HTML("", elem_id="progress")
                 gpu = gr.Markdown(gpu_status(), elem_id="gpu")
                 with gr.Accordion("Queue", open=True, elem_id="queue"):
-                    table = gr.Dataframe(headers=["job", "state", "model", "prompt", "progress"], interactive=False,
-                                         elem_id="queue-table", value=[])
+                    table = gr.Dataframe(headers=["job", "state", "model", "prompt", "progress", "worker"],
+                                         interactive=False, elem_id="queue-table", value=[])
                     with gr.Row():
                         job_choice = gr.Dropdown(label="Queued or running job", choices=[], elem_id="job-choice",
                                                  allow_custom_value=True)
@@ -402,7 +402,7 @@ def _file_path(value) -> str | None:
 def _snapshot_dict(snap: JobSnapshot) -> dict:
     return {"job_id": snap.job_id, "state": snap.state, "model": snap.model, "stage": snap.stage,
             "progress": round(snap.fraction, 4), "video": snap.video, "frames": snap.frames, "error": snap.error,
-            "sidecar": snap.sidecar, "elapsed_s": round(snap.elapsed_s, 2)}
+            "sidecar": snap.sidecar, "elapsed_s": round(snap.elapsed_s, 2), "worker": snap.worker, "gpu": snap.gpu}
 
 
 def create(argv=None) -> tuple[gr.Blocks, App, Settings]:
@@ -414,15 +414,21 @@ def create(argv=None) -> tuple[gr.Blocks, App, Settings]:
     else:
         labels = {"FramePack": "framepack", "FramePack-F1": "f1"}
     labels = dict(sorted(labels.items(), key=lambda kv: kv[1] != model))  # the chosen model first
+    from diffusers_helper.app.workers import PoolError, job_pool
+
     try:
         provider = engine_provider(s)  # checks the devices
+        pool = job_pool(s)  # None: the in-process worker; a pool's workers each load their own models
         log.info("Loading %s models before the UI starts", model)
-        provider.get(model)
-    except (WeightsMissingError, ValueError) as exc:
+        if pool is not None:
+            pool.preload(model)
+        else:
+            provider.get(model)
+    except (WeightsMissingError, ValueError, PoolError) as exc:
         print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
         raise SystemExit(2) from None
-    app = App(queue=JobQueue(provider, outputs_dir=s.output_dir), outputs_dir=Path(s.output_dir), model_labels=labels,
-              defaults=s, signed_in=bool(s.auth or s.auth_file), admins=frozenset(s.admin_users))
+    app = App(queue=JobQueue(provider, outputs_dir=s.output_dir, pool=pool), outputs_dir=Path(s.output_dir),
+              model_labels=labels, defaults=s, signed_in=bool(s.auth or s.auth_file), admins=frozenset(s.admin_users))
     return build_app(app), app, s
 
 

@@ -47,5 +47,6 @@ def status_text(snap: JobSnapshot | None) -> str:
 
 
 def queue_rows(jobs: list[JobSnapshot]) -> list[list]:
+    """Newest first; 'worker' names the pool worker and its GPU ('w1, GPU 1'), empty for the in-process worker."""
     return [[j.job_id, j.state, j.model, (j.prompt[:40] + "...") if len(j.prompt) > 40 else j.prompt,
-             f"{j.fraction * 100:.0f}%"] for j in reversed(jobs)]
+             f"{j.fraction * 100:.0f}%", ", ".join(p for p in (j.worker, j.gpu) if p)] for j in reversed(jobs)]

@@ -1,4 +1,6 @@
-"""A queue of generation jobs run one at a time on a worker thread, with state anyone can read.
+"""A queue of generation jobs with state anyone can read, run one at a time on a worker thread, or several at a
+time on a pool of workers (`parallel.pool`, one per GPU): the queue keeps the order, the states and the journal,
+the runner only runs the job it is handed.
 
 The web page only polls snapshots, so a reload (or a second tab) reattaches to the running job; the
 API can wait for a job to end. Past jobs are found again from their JSON sidecars on disk.
@@ -55,6 +57,8 @@ class JobSnapshot:
     ended: float | None = None
     version: int = 0  # bumps on every change, so pollers can skip unchanged states
     owner: str | None = None  # the signed-in user who submitted it (None without authentication)
+    worker: str | None = None  # the pool worker running it, and its GPU (None: the in-process worker)
+    gpu: str | None = None
 
     @property
     def elapsed_s(self) -> float:
@@ -76,15 +80,45 @@ class _Job:
     cancel: CancelToken = field(default_factory=CancelToken)
 
 
+class InProcess:
+    """The runner without a pool: one job at a time on the queue's own thread, with the provider's engine."""
+
+    size = 1
+
+    def __init__(self, provider):
+        self.provider = provider
+
+    def label(self, index: int) -> tuple[str | None, str | None]:
+        return None, None
+
+    def choose(self, idle: list[int], model: str, request) -> int | None:
+        return idle[0] if idle else None
+
+    def run(self, index: int, job_id: str, model: str, request, emit, cancel, owner: str | None = None) -> None:
+        try:
+            engine = self.provider.get(model)
+        except Exception as exc:  # noqa: BLE001 - one line for the user, the trace in the log
+            log.exception("Loading %s failed", model)
+            emit(Failed(str(exc).splitlines()[0], None, None))
+            return
+        if cancel.cancelled:
+            emit(Cancelled(None, None))
+            return
+        engine.generate(request, emit, cancel, job_id=job_id, **({"owner": owner} if owner else {}))
+
+
 class JobQueue:
     """With `outputs_dir`, the open jobs are kept on disk (`journal.Journal`): after a crash the queued jobs run
-    again and the interrupted one keeps its finished sections."""
+    again and the interrupted one keeps its finished sections. With `pool` (`parallel.pool.WorkerPool`), up to
+    `pool.size` jobs run at once, each on the worker the pool chooses for it."""
 
-    def __init__(self, provider, max_queued: int = 32, outputs_dir: str | Path | None = None):
+    def __init__(self, provider, max_queued: int = 32, outputs_dir: str | Path | None = None, pool=None):
         self.provider = provider
+        self.runner = pool if pool is not None else InProcess(provider)
         self.max_queued = max_queued
         self._jobs: dict[str, _Job] = {}
         self._order: list[str] = []
+        self._busy: set[int] = set()  # the runner's workers running a job
         self._cond = threading.Condition()
         self._stop = False
         self.journal = Journal(outputs_dir) if outputs_dir is not None else None
@@ -212,15 +246,20 @@ class JobQueue:
                 self.journal.forget(job.snapshot.job_id)
         self._cond.notify_all()
 
-    def _next(self) -> _Job | None:
+    def _next(self) -> tuple[_Job, int] | None:
+        """The oldest queued job and the idle worker the runner chooses for it, marked running."""
         with self._cond:
             while not self._stop:
-                for job_id in self._order:
-                    job = self._jobs[job_id]
-                    if job.snapshot.state == QUEUED:
-                        self._update(job, state=RUNNING, stage="Loading models", started=time.time())
-                        return job
-                self._cond.wait()
+                idle = [i for i in range(self.runner.size) if i not in self._busy]
+                job = next((self._jobs[j] for j in self._order if self._jobs[j].snapshot.state == QUEUED), None)
+                slot = self.runner.choose(idle, job.snapshot.model, job.request) if job and idle else None
+                if slot is not None:
+                    self._busy.add(slot)
+                    worker, gpu = self.runner.label(slot)
+                    self._update(job, state=RUNNING, stage="Loading models", started=time.time(), worker=worker,
+                                 gpu=gpu)
+                    return job, slot
+                self._cond.wait(timeout=5)
             return None
 
     def _on_event(self, job: _Job, event) -> None:
@@ -249,28 +288,32 @@ class JobQueue:
                              stage=f"Failed: {event.error}")
 
     def _run(self) -> None:
-        while True:
-            job = self._next()
-            if job is None:
-                return
-            try:
-                engine = self.provider.get(job.snapshot.model)
-            except Exception as exc:  # noqa: BLE001 - one line for the user, the trace in the log
-                log.exception("Loading %s failed", job.snapshot.model)
-                self._on_event(job, Failed(str(exc).splitlines()[0], None, None))
+        """Hand each job to a worker: on this thread with one worker (as ever), else on a thread per job."""
+        threads: list[threading.Thread] = []
+        while (picked := self._next()) is not None:
+            if self.runner.size == 1:
+                self._execute(*picked)
                 continue
-            if job.cancel.cancelled:
-                self._on_event(job, Cancelled(None, None))
-                continue
-            try:
-                owner = {"owner": job.snapshot.owner} if job.snapshot.owner else {}
-                engine.generate(job.request, lambda e, job=job: self._on_event(job, e), job.cancel,
-                                job_id=job.snapshot.job_id, **owner)
-            except Exception as exc:  # noqa: BLE001 - one job fails, the queue goes on with the next
-                log.exception("Job %s failed outside the engine's own handling", job.snapshot.job_id)
-                self._on_event(job, Failed(one_line(exc), None, None))
-            if job.snapshot.state not in ENDED:  # the engine ended without a terminal event
+            threads = [t for t in threads if t.is_alive()]
+            threads.append(threading.Thread(target=self._execute, args=picked, daemon=True,
+                                            name=f"job-{picked[0].snapshot.job_id}"))
+            threads[-1].start()
+        for thread in threads:
+            thread.join(timeout=60)
+
+    def _execute(self, job: _Job, slot: int) -> None:
+        try:
+            self.runner.run(slot, job.snapshot.job_id, job.snapshot.model, job.request,
+                            lambda e, job=job: self._on_event(job, e), job.cancel, job.snapshot.owner)
+        except Exception as exc:  # noqa: BLE001 - one job fails, the queue goes on with the next
+            log.exception("Job %s failed outside the engine's own handling", job.snapshot.job_id)
+            self._on_event(job, Failed(one_line(exc), None, None))
+        finally:
+            if job.snapshot.state not in ENDED:  # the runner ended without a terminal event
                 self._on_event(job, Failed("the job ended without a result", None, None))
+            with self._cond:
+                self._busy.discard(slot)
+                self._cond.notify_all()
 
 
 def past_jobs(outputs_dir: str | Path, limit: int = 50, viewer=ALL) -> list[dict]:

@@ -189,6 +189,13 @@ class Settings(JobSettings):
     cp_attention: str = _s("ulysses", "FRAMEPACK_CP_ATTENTION", ["--cp-attention"], "how context-parallel ranks "
                            "share attention: ulysses (all-to-all of heads) or ring (key/value passed around)",
                            choices=("ulysses", "ring"), group="gpus")
+    workers: int = _s(0, "FRAMEPACK_WORKERS", ["--workers"], "job workers, each running whole jobs on its own GPU "
+                      "with its own models (a Ray pool): 0 = one per GPU when Ray is installed and there are two GPUs "
+                      "or more (with --ray-address: one per GPU of the cluster), 1 = one in-process worker, N = N "
+                      "workers (CPU workers where there is no GPU)", min=0, max=64, group="gpus")
+    ray_address: str = _s("", "FRAMEPACK_RAY_ADDRESS", ["--ray-address"], "join this Ray cluster (e.g. "
+                          "10.0.0.5:6379, started with `ray start --head`) so the GPUs of several machines serve one "
+                          "UI; empty: a local Ray instance of this machine", group="gpus")
 
 # Names other FramePack builds use for the same setting in config.yaml; resolved on read.
 CONFIG_ALIASES = {
