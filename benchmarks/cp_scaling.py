@@ -57,8 +57,15 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--kernel-noise", action="store_true", help="also report how far the flash kernel's whole "
+                    "forward is from the default one: the bf16 noise the split's error compares with")
+    ap.add_argument("--share-gpu", action="store_true", help="every rank on GPU 0 over gloo: checks the split's "
+                    "error on a one-GPU machine (its timings mean nothing)")
     args = ap.parse_args()
     rank, world = torchrun_rank() or (0, 1)
+    if args.share_gpu:
+        torch.cuda.set_device(0)
+        torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     device = init_ranks(rank, world)
     transformer, dtype, size = seeded_transformer(device)
     size = args.size or size
@@ -69,8 +76,16 @@ def main() -> int:
     cond, noise = section_inputs(transformer, size, dtype, device)
     whole_s, whole = timed(forward_fn(transformer, cond, noise, dtype, device), device, args.repeats)
     whole = whole.float().clone()
+    noise_ref = None
+    if args.kernel_noise and device.type == "cuda":  # what bf16 rounding alone moves: the same forward, another kernel
+        transformer.set_attention_backend("_native_flash")
+        noise_ref = forward_fn(transformer, cond, noise, dtype, device)().float()
+        transformer.set_attention_backend("native")
     row = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "ranks": world,
+           "shared_gpu": args.share_gpu,
            "accel": args.accel, "attention": args.attention, "size": size, "forward_s_1": round(whole_s, 4)}
+    if noise_ref is not None:
+        row["kernel_noise_rel"] = float((noise_ref - whole).norm() / whole.norm())
     if world > 1:
         from dataclasses import replace
 

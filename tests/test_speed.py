@@ -68,7 +68,8 @@ def test_prepare_reports_each_step_in_the_declared_order(tiny_root, tmp_path, te
                            attention=AttentionConfig(backend="math"))
     engine = Engine(bundle, Placement(torch.device("cpu"), "full"), outputs_dir=tmp_path, plan=plan)
     report = engine.report
-    assert [s.step for s in report.steps] == ["weights", "compile", "step_caches", "placement", "attention"]
+    assert [s.step for s in report.steps] == ["weights", "compile", "context_parallel", "step_caches", "placement",
+                                          "attention"]
     fp8 = report["weights"].details["fp8_linears"]
     assert fp8 > 0 and report["compile"].details["compiled_blocks"] == 2 and report["attention"].summary == "math"
     assert report.to_record()["step_caches"].startswith("teacache, magcache, fbcache, taylorseer")

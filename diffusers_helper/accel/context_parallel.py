@@ -90,22 +90,20 @@ class _UnevenSwitch:
 def _gather_hook(lengths: _UnevenSwitch, world: int):
     """After the last block: each stream's parts gathered back in order. diffusers' own uneven gather sends
     parts of different sizes, which gloo refuses; here every part is padded to the largest first (the sizes are
-    known from the lengths the first block saw), so one plain all-gather serves both even and uneven parts."""
-    import torch.distributed._functional_collectives as funcol
+    known from the lengths the first block saw), so one plain all-gather serves even and uneven parts alike on
+    NCCL and gloo (the functional all-gather crashes on gloo with CUDA tensors in torch 2.11). It runs once per
+    forward, outside the compiled blocks."""
+    import torch.distributed as dist
     from diffusers.hooks import ModelHook
-
-    all_gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor  # renamed in torch 2.12
 
     def gather(part: torch.Tensor, total: int) -> torch.Tensor:
         sizes = [len(c) for c in torch.arange(total).tensor_split(world)]
         size = sizes[0]
         if part.shape[1] < size:
             part = torch.nn.functional.pad(part, (0, 0, 0, size - part.shape[1]))
-        whole = all_gather(part.contiguous(), 1, group=torch.distributed.group.WORLD)
-        whole = funcol.wait_tensor(whole)
-        if all(n == size for n in sizes):
-            return whole
-        return torch.cat([c[:, :n] for c, n in zip(whole.split(size, dim=1), sizes)], dim=1)
+        parts = [torch.empty_like(part) for _ in range(world)]
+        dist.all_gather(parts, part.contiguous())
+        return torch.cat([p[:, :n] for p, n in zip(parts, sizes)], dim=1)
 
     class Gather(ModelHook):
         def post_forward(self, module, output):
@@ -168,6 +166,9 @@ def apply_context_parallel(transformer, cp: ContextParallel) -> str:
     if world != cp.degree:
         raise ValueError(f"context parallel over {cp.degree} GPUs needs {cp.degree} ranks, found {world}")
     heads = transformer.config.num_attention_heads
+    if cp.attention == "ulysses" and heads < world:
+        raise ValueError(f"Ulysses attention gives each rank whole heads: {heads} heads cannot be shared by {world} "
+                         "ranks; use ring attention (--cp-attention ring) or fewer GPUs")
     if cp.attention == "ulysses":
         config = ContextParallelConfig(ulysses_degree=world)
         if heads % world:
