@@ -57,6 +57,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--heads", type=int, default=0, help="CPU only: the tiny model with this many heads (random "
+                    "weights), for runs with more ranks than its 2 heads")
     ap.add_argument("--kernel-noise", action="store_true", help="also report how far the flash kernel's whole "
                     "forward is from the default one: the bf16 noise the split's error compares with")
     ap.add_argument("--share-gpu", action="store_true", help="every rank on GPU 0 over gloo: checks the split's "
@@ -68,6 +70,9 @@ def main() -> int:
         torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     device = init_ranks(rank, world)
     transformer, dtype, size = seeded_transformer(device)
+    if args.heads and device.type == "cpu":  # the tiny model has 2 heads: more ranks need more (random weights)
+        torch.manual_seed(0)
+        transformer = type(transformer).from_config({**transformer.config, "num_attention_heads": args.heads})
     size = args.size or size
     bundle = ModelBundle(spec=real_spec("framepack"), transformer=transformer)
     plan = _plan(args.accel, "cache")
@@ -82,7 +87,7 @@ def main() -> int:
         noise_ref = forward_fn(transformer, cond, noise, dtype, device)().float()
         transformer.set_attention_backend("native")
     row = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "ranks": world,
-           "shared_gpu": args.share_gpu,
+           "shared_gpu": args.share_gpu, "heads": transformer.config.num_attention_heads,
            "accel": args.accel, "attention": args.attention, "size": size, "forward_s_1": round(whole_s, 4)}
     if noise_ref is not None:
         row["kernel_noise_rel"] = float((noise_ref - whole).norm() / whole.norm())

@@ -166,6 +166,9 @@ def apply_context_parallel(transformer, cp: ContextParallel) -> str:
     if world != cp.degree:
         raise ValueError(f"context parallel over {cp.degree} GPUs needs {cp.degree} ranks, found {world}")
     heads = transformer.config.num_attention_heads
+    if cp.attention == "ring" and transformer.device.type != "cuda":
+        # ring attention merges partial results by their log-sum-exp, which PyTorch's kernels return only on CUDA
+        raise ValueError("ring attention across ranks needs a CUDA attention kernel; use ulysses on CPUs")
     if cp.attention == "ulysses" and heads < world:
         raise ValueError(f"Ulysses attention gives each rank whole heads: {heads} heads cannot be shared by {world} "
                          "ranks; use ring attention (--cp-attention ring) or fewer GPUs")
